@@ -1,0 +1,73 @@
+"""Atomic file and directory writes: write to a temporary name beside the target, then rename.
+
+A crash or an error while writing leaves the target either absent or in its previous state,
+never half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from dnd_jax.errors import DndError
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Opens a temporary file beside `path`; on success renames it onto `path`.
+
+    Args:
+      path: final file path.
+      mode: open mode ("wb" or "w").
+
+    Yields:
+      The open file object.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary directory beside `path`; on success it replaces `path`.
+
+    Args:
+      path: final directory path.
+      overwrite: replace an existing directory; otherwise an existing `path` is an error.
+
+    Yields:
+      The temporary directory to fill.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise DndError(f"{path}: output already exists (pass --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
