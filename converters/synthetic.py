@@ -87,3 +87,26 @@ def write_synthetic_adapter(
         safetensors_io.save(tmp / "adapter_model.safetensors", state, {"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     return Path(out_dir)
+
+
+def spec_from_config(
+    config, r: int, alpha: float, targets=QWEN_TARGETS, dtype: str = "bfloat16", base_name: str = "synthetic"
+):
+    """The LoraSpec a PEFT LoRA (rank r, alpha, targets) on `config`'s architecture would have."""
+    from converters.peft_to_jax import state_dict_to_pytree
+
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(targets),
+        "base_model_name_or_path": base_name,
+    }
+    pattern = re.compile(rf"(.*\.)?({'|'.join(targets)})$")
+    state = {}
+    for path, (fin, fout) in base_layer_shapes(config).items():
+        if pattern.match(path):  # zero-strided views: shapes without memory
+            state[f"base_model.model.{path}.lora_A.weight"] = np.broadcast_to(np.zeros((), dtype), (r, fin))
+            state[f"base_model.model.{path}.lora_B.weight"] = np.broadcast_to(np.zeros((), dtype), (fout, r))
+    return state_dict_to_pytree(state, adapter_config, f"{base_name} config")[1]
