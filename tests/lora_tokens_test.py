@@ -11,6 +11,7 @@ import converters
 from converters.synthetic import qwen2_config, spec_from_config, synthetic_state_dict
 from dnd_jax import lora_tokens
 from dnd_jax.errors import DndError
+
 from lora_fixtures import make_adapter
 
 ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"]
@@ -88,7 +89,9 @@ def test_tokenize_matches_reference_and_round_trips():
 def test_indivisible_dimension_is_an_error_unless_padding(tmp_path):
     _, src = make_adapter("qwen_plain", tmp_path / "a")  # hidden 64, intermediate 96, kv 32
     params, spec = converters.load_peft_adapter(src)
-    with pytest.raises(DndError, match=r"layers.0.self_attn.k_proj.: out_features 32 is not divisible by the token chunk size 64"):
+    with pytest.raises(
+        DndError, match=r"layers.0.self_attn.k_proj.: out_features 32 is not divisible by the token chunk size 64"
+    ):
         lora_tokens.make_layout(spec, 64)
     layout = lora_tokens.make_layout(spec, 64, pad=True)
     back = lora_tokens.detokenize(lora_tokens.tokenize(params, layout), layout)

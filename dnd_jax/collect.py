@@ -1,0 +1,215 @@
+"""LoRA checkpoint collection with PyTorch + PEFT, in the paper's two phases.
+
+  python -m dnd_jax.collect --config configs/collect/commonsense_smollm2.py:ARC-e --out runs/collect
+
+Phase 1 trains a LoRA (AdamW, cosine schedule with warm-up); phase 2 continues from it at a
+constant learning rate and saves a PEFT adapter after every optimizer step:
+  <out>/<dataset>/step-000041/ ... step-000064/   (adapter_config.json + adapter_model.safetensors)
+  <out>/<dataset>/manifest.json                  (steps, config, base model; "complete" at the end)
+  <out>/<dataset>/resume.pt                       (LoRA + optimizer state of the last finished step)
+Loss is on the response tokens only, with the model's chat template. The data order is a pure
+function of the seed and the step, so a run that is killed and re-run continues from its last
+saved step and ends with the same checkpoints as a run that never stopped. Every file is
+written to a temporary name and renamed, so none is ever half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dnd_jax.config_cli import check_same_config, config_dict, parse_or_exit
+from dnd_jax.data.prompts import load_split
+from dnd_jax.errors import DndError, run_cli
+from dnd_jax.fileio import atomic_dir, atomic_file
+from dnd_jax.lm import encode_sft_example, load_base, pick_device
+
+PHASE1_SAVE_EVERY = 10
+
+
+def _examples_per_step(config, step: int) -> int:
+    p = config.phase1 if step < config.phase1.steps else config.phase2
+    return p.batch_size * p.grad_accum
+
+
+def _example_offset(config, step: int) -> int:
+    """Examples consumed before optimizer step `step` (0-based)."""
+    p1 = config.phase1.steps
+    b1 = config.phase1.batch_size * config.phase1.grad_accum
+    b2 = config.phase2.batch_size * config.phase2.grad_accum
+    return min(step, p1) * b1 + max(0, step - p1) * b2
+
+
+def example_indices(config, step: int, n: int) -> np.ndarray:
+    """Dataset indices used by optimizer step `step`: epochs of seeded permutations, no state."""
+    start = _example_offset(config, step)
+    pos = np.arange(start, start + _examples_per_step(config, step))
+    epochs = pos // n
+    out = np.empty_like(pos)
+    for e in np.unique(epochs):
+        perm = np.random.default_rng([config.seed, int(e)]).permutation(n)
+        out[epochs == e] = perm[pos[epochs == e] % n]
+    return out
+
+
+def learning_rate(config, step: int) -> float:
+    """Phase 1: linear warm-up then cosine to 0; phase 2: constant."""
+    p1 = config.phase1
+    if step >= p1.steps:
+        return config.phase2.lr
+    warm = max(1, math.ceil(p1.warmup_ratio * p1.steps))
+    if step < warm:
+        return p1.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, p1.steps - warm)
+    return p1.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int, device: str):
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (x, y) in enumerate(batch):
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _write_manifest(ds_dir: Path, manifest: dict) -> None:
+    with atomic_file(ds_dir / "manifest.json", "w") as f:
+        json.dump(manifest, f, indent=2)
+
+
+def _save_resume(ds_dir: Path, model, opt, step: int, cfg: dict) -> None:
+    import torch
+    from peft import get_peft_model_state_dict
+
+    state = {"step": step, "config": cfg, "lora": get_peft_model_state_dict(model), "optimizer": opt.state_dict()}
+    with atomic_file(ds_dir / "resume.pt") as f:
+        torch.save(state, f)
+
+
+def _load_resume(ds_dir: Path, model, opt, cfg: dict) -> int:
+    import torch
+    from peft import set_peft_model_state_dict
+
+    path = ds_dir / "resume.pt"
+    if not path.exists():
+        return 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 (any unreadable file is the same user-facing error)
+        raise DndError(f"{path}: unreadable resume state ({e.__class__.__name__}); delete it to restart") from None
+    check_same_config(state["config"], cfg, str(ds_dir))
+    result = set_peft_model_state_dict(model, state["lora"])
+    if getattr(result, "unexpected_keys", None):
+        raise DndError(f"{path}: resume state does not match the model ({result.unexpected_keys[:2]})")
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def collect(config, out: str | Path) -> Path:
+    """Runs (or resumes) the two-phase collection for `config.dataset`.
+
+    Args:
+      config: a collection ConfigDict (configs/collect/*.py).
+      out: output root; checkpoints go to <out>/<dataset>/.
+
+    Returns:
+      The dataset's checkpoint folder.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+
+    cfg = config_dict(config)
+    ds_dir = Path(out) / config.dataset
+    records = load_split(config.data_dir, f"{config.dataset}_train")[: config.max_samples]
+    total = config.phase1.steps + config.phase2.steps
+    if config.phase2.steps < 1:
+        raise DndError("config field phase2.steps: must be at least 1")
+    manifest_path = ds_dir / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        check_same_config(manifest["config"], cfg, str(ds_dir))
+        if manifest.get("complete"):
+            print(f"{ds_dir}: already complete ({len(manifest['steps'])} checkpoints)", file=sys.stderr)
+            return ds_dir
+    ds_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in ds_dir.glob(".*.tmp-*"):  # from a run killed while writing
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    model, tok, model_path = load_base(config.model, config.dtype, device)
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                      target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM",
+                      base_model_name_or_path=str(model_path))  # fmt: skip
+    model = get_peft_model(model, lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.phase1.lr, weight_decay=config.phase1.weight_decay)
+    start = _load_resume(ds_dir, model, opt, cfg)
+    examples = [encode_sft_example(tok, r, config.cutoff_len) for r in records]
+    manifest = {"dataset": config.dataset, "model": config.model, "base_model_path": str(model_path),
+                "phase1_steps": config.phase1.steps, "phase2_steps": config.phase2.steps, "config": cfg,
+                "steps": sorted(int(p.name[5:]) for p in ds_dir.glob("step-*") if int(p.name[5:]) <= start),
+                "complete": False}  # fmt: skip
+    model.train()
+    bar = tqdm(total=total, initial=start, desc=f"collect {config.dataset}", unit="step", dynamic_ncols=True)
+    for step in range(start, total):
+        phase = config.phase1 if step < config.phase1.steps else config.phase2
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(config, step)
+        idx = example_indices(config, step, len(examples))
+        t0, loss_sum = time.perf_counter(), 0.0
+        for mb in np.split(idx, phase.grad_accum):
+            ids, mask, labels = _collate([examples[i] for i in mb], tok.pad_token_id, device)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / phase.grad_accum
+            loss.backward()
+            loss_sum += float(loss)
+        if not math.isfinite(loss_sum):
+            raise DndError(f"{ds_dir}: non-finite loss at step {step + 1}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done > config.phase1.steps:
+            with atomic_dir(ds_dir / f"step-{done:06d}", overwrite=True) as tmp:
+                model.save_pretrained(tmp)
+                (tmp / "README.md").unlink(missing_ok=True)
+            manifest["steps"] = sorted(set(manifest["steps"]) | {done})
+        if done > config.phase1.steps or done % PHASE1_SAVE_EVERY == 0 or done == config.phase1.steps:
+            _save_resume(ds_dir, model, opt, done, cfg)
+            _write_manifest(ds_dir, manifest)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{learning_rate(config, step):.1e}",
+                        s_per_step=f"{time.perf_counter() - t0:.1f}")  # fmt: skip
+        bar.update()
+    bar.close()
+    manifest["complete"] = True
+    _write_manifest(ds_dir, manifest)
+    return ds_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "collection config file (configs/collect/*.py:<dataset>)",
+                                    lock_config=True)  # fmt: skip
+    flags.DEFINE_string("out", None, "output root directory; checkpoints go to OUT/<dataset>/")
+    parse_or_exit(argv if argv is not None else sys.argv)
+    if flags.FLAGS.config is None or flags.FLAGS.out is None:
+        raise DndError("both --config and --out are required")
+    ds_dir = collect(flags.FLAGS.config, flags.FLAGS.out)
+    print(f"checkpoints in {ds_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

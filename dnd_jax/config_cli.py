@@ -1,0 +1,85 @@
+"""Shared command-line plumbing: config files with overrides, flags, version logging.
+
+Entry points define their flags with absl + `config_flags.DEFINE_config_file` and call
+`parse_or_exit`, which turns a config typo (unknown field, bad value) into one line naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from dnd_jax.errors import DndError
+
+
+def parse_or_exit(argv: list[str], config_names: tuple[str, ...] = ("config",)) -> list[str]:
+    """Parses absl flags; a bad flag, config file or override prints one line and exits with status 2."""
+    from absl import flags
+
+    try:
+        rest = flags.FLAGS(argv)
+        for name in config_names:  # ml_collections loads config files lazily: force it here
+            value = getattr(flags.FLAGS, name, None)
+            if value is not None:
+                value.to_dict()
+        return rest
+    except (flags.Error, KeyError, ValueError, AttributeError, TypeError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+    # ml_collections raises KeyError for an unknown override field, with a "did you mean".
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    lines = [ln.strip() for ln in text.replace("\\'", "'").splitlines() if ln.strip()]
+    if isinstance(e, KeyError):
+        return f"config override names no existing field: {' '.join(lines)}"
+    if any(ln.startswith("Traceback") for ln in lines):  # an error raised inside a config file
+        return f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}"
+    errno = [ln for ln in lines if ln.startswith("[Errno")]
+    if errno:  # a config file that cannot be read
+        return f"{lines[0]} {' '.join(ln for ln in lines[1:] if not ln.startswith('Attempted'))}"
+    return " ".join(lines)
+
+
+def save_config(config, path: Path) -> None:
+    """Writes the resolved config as JSON (atomically) next to a run's outputs."""
+    from dnd_jax.fileio import atomic_file
+
+    with atomic_file(path, "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def config_dict(config) -> dict:
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def check_same_config(saved: dict, current: dict, where: str) -> None:
+    """Refuses to resume a run with a config that differs from the one it started with."""
+    if saved != current:
+        diffs = sorted(_diff(saved, current))
+        raise DndError(
+            f"{where}: was started with a different config ({', '.join(diffs[:5])}); "
+            "use a new output directory or the original config"
+        )
+
+
+def _diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in set(a) | set(b):
+            yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    elif a != b:
+        yield f"{prefix[:-1]}: {a!r} -> {b!r}"
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    out = []
+    for pkg in ("jax", "flax", "optax", "orbax-checkpoint", "torch", "transformers", "peft"):
+        try:
+            out.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            pass
+    return ", ".join(out)

@@ -1,0 +1,1 @@
+"""Data: prompt datasets (LLaMA-Factory format), the token store and criterion weights, pairing."""

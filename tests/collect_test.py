@@ -1,0 +1,174 @@
+"""Checkpoint collection on the real SmolLM2-135M-Instruct, token store and criterion weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import converters
+from configs.collect import commonsense_smollm2
+from dnd_jax import lora_tokens
+from dnd_jax.data import prepare
+from dnd_jax.data.prompts import load_split
+from dnd_jax.errors import DndError
+from dnd_jax.lm import load_base
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEM = "Answer by a single [ans] (ans is A or B)."
+
+
+def write_dataset(root: Path, name: str = "toy", n: int = 24) -> Path:
+    """A small LLaMA-Factory dataset: arithmetic questions with two options."""
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(n):
+        a, b = int(rng.integers(1, 20)), int(rng.integers(1, 20))
+        right, wrong = a + b, a + b + int(rng.integers(1, 5))
+        opts = [right, wrong] if i % 2 == 0 else [wrong, right]
+        recs.append({"prompt": f"What is {a} + {b}?\nA: {opts[0]}\nB: {opts[1]}",
+                     "response": "[A]" if i % 2 == 0 else "[B]", "system": SYSTEM,
+                     "choices": [str(o) for o in opts], "answer": i % 2})  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    cols = {"prompt": "prompt", "response": "response", "system": "system"}
+    info = {}
+    for split, part in (("train", recs[: n * 2 // 3]), ("test", recs[n * 2 // 3 :])):
+        (root / f"{name}_{split}.json").write_text(json.dumps(part))
+        info[f"{name}_{split}"] = {"file_name": f"{name}_{split}.json", "columns": cols}
+    (root / "dataset_info.json").write_text(json.dumps(info))
+    return root
+
+
+def _collect_cmd(data: Path, out: Path) -> list[str]:
+    cfg = REPO / "configs/collect/commonsense_smollm2.py:toy,smoke"
+    return [sys.executable, "-m", "dnd_jax.collect", "--config", str(cfg), f"--config.data_dir={data}",
+            "--config.phase2.steps=4", f"--out={out}"]  # fmt: skip
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("collect")
+    data = write_dataset(tmp / "data")
+    r = subprocess.run(_collect_cmd(data, tmp / "full"), capture_output=True, text=True, env=_env(), cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return data, tmp / "full" / "toy"
+
+
+def test_collect_writes_every_phase2_step(collection):
+    _, ds = collection
+    manifest = json.loads((ds / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["steps"] == [3, 4, 5, 6]
+    assert [s for s, _ in converters.list_checkpoints(ds)] == [3, 4, 5, 6]
+    cfg = json.loads((ds / "step-000003" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and len(cfg["target_modules"]) == 7
+    # Consecutive checkpoints differ: training really moved the weights.
+    a, b = converters.load_peft_adapter(ds / "step-000003")[0], converters.load_peft_adapter(ds / "step-000004")[0]
+    fa, fb = converters.flatten(a), converters.flatten(b)
+    assert any(not np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+def test_killed_collection_resumes_to_the_same_checkpoints(collection, tmp_path):
+    data, full = collection
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_collect_cmd(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env(), cwd=REPO)  # fmt: skip
+    deadline = time.time() + 300
+    while not (out / "toy" / "step-000004").exists():
+        assert proc.poll() is None and time.time() < deadline, "collect ended before it could be killed"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    r = subprocess.run(_collect_cmd(data, out), capture_output=True, text=True, env=_env(), cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = converters.list_checkpoints(out / "toy")
+    assert [s for s, _ in got] == [3, 4, 5, 6]
+    assert not [p for p in (out / "toy").iterdir() if ".tmp-" in p.name]
+    for step, path in got:
+        a = converters.flatten(converters.load_peft_adapter(path)[0])
+        b = converters.flatten(converters.load_peft_adapter(full / path.name)[0])
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=f"step {step} {k}")
+
+
+def test_tokens_of_real_checkpoints_round_trip_into_peft(collection, tmp_path):
+    from peft import PeftModel, get_peft_model_state_dict
+
+    _, ds = collection
+    params, spec = converters.load_peft_adapter(ds / "step-000005")
+    layout = lora_tokens.make_layout(spec, 64)
+    assert layout.shape == (4770, 10, 66)  # SmolLM2: 30 layers x 159 tokens, derived from the spec
+    back = lora_tokens.detokenize(lora_tokens.tokenize(params, layout), layout)
+    out = converters.save_peft_adapter(back, spec, tmp_path / "detok")
+    base, tok, _ = load_base("smollm2-135m-instruct")
+    model = PeftModel.from_pretrained(base, ds / "step-000005", adapter_name="orig")
+    model.load_adapter(out, adapter_name="detok")
+    sd = get_peft_model_state_dict(model, adapter_name="detok")
+    assert sorted(sd) == sorted(get_peft_model_state_dict(model, adapter_name="orig"))
+    ids = tok("Question: What is 2 + 3?\nAnswer:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        model.set_adapter("orig")
+        want = model(ids).logits
+        model.set_adapter("detok")
+        got = model(ids).logits
+        with model.disable_adapter():
+            plain = model(ids).logits
+    assert (got - want).abs().max() < 1e-4
+    assert (want - plain).abs().max() > 1e-3  # the adapter really changes the model
+
+
+def test_prepare_matches_numpy_reference(collection, tmp_path):
+    _, ds = collection
+    out = prepare.prepare_dataset(ds, tmp_path / "tok" / "toy", chunk=64, real_length=3)
+    ts = prepare.open_token_set(out)
+    assert ts.steps == [3, 4, 5] and ts.tokens.shape == (3, 4770, 10, 66)
+    ref = []
+    for step in (3, 4, 5):
+        params, spec = converters.load_peft_adapter(ds / f"step-{step:06d}")
+        ref.append(lora_tokens.tokenize(params, lora_tokens.make_layout(spec, 64)))
+    ref = np.stack(ref)
+    np.testing.assert_array_equal(np.asarray(ts.tokens), ref)
+    std = ref.astype(np.float64).std(axis=0)  # population std over checkpoints
+    want = std.mean(axis=(1, 2)) / std.mean()
+    np.testing.assert_allclose(ts.weight, want, rtol=1e-4, atol=1e-6)
+    assert ts.weight[:9].mean() < ts.weight[9:18].mean()  # q: A tokens move less than B^T tokens
+    mtime = (out / "tokens.npy").stat().st_mtime_ns
+    prepare.prepare_dataset(ds, out, chunk=64, real_length=3)  # up to date: untouched
+    assert (out / "tokens.npy").stat().st_mtime_ns == mtime
+
+
+def test_bad_prompt_datasets_are_clear_errors(tmp_path):
+    data = write_dataset(tmp_path / "d")
+    with pytest.raises(DndError, match="dataset 'nope_train' is not registered"):
+        load_split(data, "nope_train")
+    recs = json.loads((data / "toy_train.json").read_text())
+    (data / "toy_train.json").write_text(json.dumps([{"prompt": "q"}, *recs]))
+    with pytest.raises(DndError, match=r"toy_train.json: record 0 has no column 'response'"):
+        load_split(data, "toy_train")
+    (data / "toy_train.json").write_text(json.dumps([*recs, {"prompt": "  ", "response": "[A]"}]))
+    with pytest.raises(DndError, match=r"toy_train.json: record 16 has an empty prompt"):
+        load_split(data, "toy_train")
+    r = subprocess.run([sys.executable, "-m", "dnd_jax.collect", "--config",
+                        str(REPO / "configs/collect/commonsense_smollm2.py:nope,smoke"), f"--config.data_dir={data}",
+                        f"--out={tmp_path / 'o'}"], capture_output=True, text=True, env=_env(), cwd=REPO)  # fmt: skip
+    assert r.returncode == 2 and "not registered" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "dnd_jax.collect", "--config",
+                        str(REPO / "configs/collect/commonsense_smollm2.py:toy,smoke"), "--config.phase3.lr=1",
+                        f"--out={tmp_path / 'o'}"], capture_output=True, text=True, env=_env(), cwd=REPO)  # fmt: skip
+    assert r.returncode == 2 and "phase3" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_smoke_config_is_small():
+    c = commonsense_smollm2.get_config("ARC-c,smoke")
+    assert c.phase1.steps + c.phase2.steps <= 6 and c.lora.r == 8
