@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from dnd_jax.errors import DndError
 
 REQUIRED = ("prompt", "response")
@@ -99,3 +101,17 @@ def load_prompts_file(path: str | Path) -> list[str]:
     if not prompts:
         raise DndError(f"{path}: no prompts")
     return prompts
+
+
+def sample_prompt_batch(num_prompts: int, num_texts: int, rng: np.random.Generator, where: str = "prompts"):
+    """Indices of `num_texts` prompts drawn without replacement (the original's random.sample).
+
+    Args:
+      num_prompts: size of the pool.
+      num_texts: prompts per sample (128 in the paper).
+      rng: a seeded NumPy generator (reproducible).
+      where: the dataset, for the error message.
+    """
+    if num_prompts < num_texts:
+        raise DndError(f"{where}: {num_prompts} prompts, fewer than num_texts={num_texts}")
+    return rng.choice(num_prompts, size=num_texts, replace=False)

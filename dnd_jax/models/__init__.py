@@ -1,0 +1,1 @@
+"""Flax NNX models: the frozen prompt encoder and the hyper-convolutional generator."""

@@ -1,0 +1,240 @@
+"""Frozen prompt encoder: a BERT (Sentence-BERT backbone) in Flax NNX, loaded from a local checkpoint.
+
+Legend: B batch, N prompts per sample, L text length (max_text_length), D hidden (384 for MiniLM).
+
+transformers 5 ships no Flax models, so this is ours. It computes exactly what
+`transformers.BertModel(...).last_hidden_state` computes (absolute positions, token type 0,
+exact-erf GELU, post-LayerNorm), with the attention mask applied inside attention only. As in the
+original DnD, the condition is the token-level last hidden state with no pooling, padded
+positions included unless `mask_padding` is set; texts longer than the position table are cut
+into independent 512-token segments (spec §3.4). Dropout is explicit: pass a PRNG key to get the
+original's "dropout on during training" behaviour, None for deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from converters import safetensors_io
+from dnd_jax.errors import DndError
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """BERT hyper-parameters (static under jit)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    max_position: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+
+    @classmethod
+    def from_hf(cls, config: dict, where: str) -> BertConfig:
+        if config.get("model_type") != "bert":
+            raise DndError(f"{where}: model_type {config.get('model_type')!r} is not BERT; the encoder loads "
+                           "BERT-family checkpoints (e.g. all-MiniLM-L6-v2)")  # fmt: skip
+        if config.get("position_embedding_type", "absolute") != "absolute" or config.get("hidden_act") != "gelu":
+            raise DndError(f"{where}: only absolute positions and exact GELU are supported")
+        return cls(config["vocab_size"], config["hidden_size"], config["num_hidden_layers"],
+                   config["num_attention_heads"], config["intermediate_size"], config["max_position_embeddings"],
+                   config["type_vocab_size"], config["layer_norm_eps"], config["hidden_dropout_prob"],
+                   config["attention_probs_dropout_prob"])  # fmt: skip
+
+
+def _dropout(x, rate: float, key):
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class BertLayer(nnx.Module):
+    """Self-attention + feed-forward, each followed by residual add and LayerNorm (post-LN)."""
+
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.cfg = cfg
+        self.query, self.key, self.value = (nnx.Linear(d, d, rngs=rngs) for _ in range(3))
+        self.attn_out = nnx.Linear(d, d, rngs=rngs)
+        self.attn_norm = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, rngs=rngs)
+        self.ffn_in = nnx.Linear(d, f, rngs=rngs)
+        self.ffn_out = nnx.Linear(f, d, rngs=rngs)
+        self.ffn_norm = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, rngs=rngs)
+
+    def __call__(self, x_sld, bias_s11l, key=None):
+        cfg = self.cfg
+        s, length, d = x_sld.shape
+        h = cfg.num_heads
+        keys = jax.random.split(key, 3) if key is not None else (None,) * 3
+
+        def heads(t):
+            return t.reshape(s, length, h, d // h)
+
+        q, k, v = heads(self.query(x_sld)), heads(self.key(x_sld)), heads(self.value(x_sld))
+        scores = jnp.einsum("sqhd,skhd->shqk", q, k).astype(jnp.float32) / np.sqrt(d // h) + bias_s11l
+        probs = _dropout(jax.nn.softmax(scores, axis=-1).astype(x_sld.dtype), cfg.attention_dropout, keys[0])
+        ctx = jnp.einsum("shqk,skhd->sqhd", probs, v).reshape(s, length, d)
+        x_sld = self.attn_norm(x_sld + _dropout(self.attn_out(ctx), cfg.hidden_dropout, keys[1]))
+        ffn = self.ffn_out(jax.nn.gelu(self.ffn_in(x_sld), approximate=False))
+        return self.ffn_norm(x_sld + _dropout(ffn, cfg.hidden_dropout, keys[2]))
+
+
+class BertEncoder(nnx.Module):
+    """BERT returning last hidden states; frozen in DnD (no gradients, not in the optimizer)."""
+
+    def __init__(self, cfg: BertConfig, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        d = cfg.hidden_size
+        self.cfg = cfg
+        kw = dict(dtype=dtype, param_dtype=jnp.float32)
+        self.word = nnx.Embed(cfg.vocab_size, d, rngs=rngs, **kw)
+        self.position = nnx.Embed(cfg.max_position, d, rngs=rngs, **kw)
+        self.token_type = nnx.Embed(cfg.type_vocab_size, d, rngs=rngs, **kw)
+        self.emb_norm = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, rngs=rngs, **kw)
+        self.layers = nnx.List([BertLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        for layer in self.layers:  # compute dtype of every sub-module
+            for m in (layer.query, layer.key, layer.value, layer.attn_out, layer.ffn_in, layer.ffn_out,
+                      layer.attn_norm, layer.ffn_norm):  # fmt: skip
+                m.dtype = dtype
+
+    def __call__(self, input_ids, attention_mask, key=None, mask_padding: bool = False):
+        """Encodes token ids.
+
+        Args:
+          input_ids: int [..., L]; L > max_position is cut into independent max_position segments.
+          attention_mask: int/bool [..., L].
+          key: PRNG key for dropout (training as the original); None = deterministic.
+          mask_padding: zero the hidden states of padded positions (the original does not).
+
+        Returns:
+          [..., L, D] last hidden states (compute dtype).
+        """
+        lead, length = input_ids.shape[:-1], input_ids.shape[-1]
+        seg = min(length, self.cfg.max_position)
+        if length % seg:
+            raise DndError(f"text length {length} must be at most {self.cfg.max_position} or a multiple of it")
+        ids = input_ids.reshape(-1, seg)
+        mask = attention_mask.reshape(-1, seg)
+        pos = jnp.arange(seg)[None, :]
+        x = self.word(ids) + self.position(pos) + self.token_type(jnp.zeros_like(ids))
+        keys = (
+            list(jax.random.split(key, self.cfg.num_layers + 1))
+            if key is not None
+            else [None] * (self.cfg.num_layers + 1)
+        )
+        x = _dropout(self.emb_norm(x), self.cfg.hidden_dropout, keys[0])
+        bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        for layer, k in zip(self.layers, keys[1:], strict=True):
+            x = layer(x, bias, k)
+        if mask_padding:
+            x = x * mask[..., None].astype(x.dtype)
+        return x.reshape(*lead, length, self.cfg.hidden_size)
+
+
+_MAP = {  # our path -> HF key (relative to a layer for "layer.")
+    "word": "embeddings.word_embeddings", "position": "embeddings.position_embeddings",
+    "token_type": "embeddings.token_type_embeddings", "emb_norm": "embeddings.LayerNorm",
+    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+    "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+    "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm",
+}  # fmt: skip
+
+
+def _read_weights(path: Path) -> dict[str, np.ndarray]:
+    if (path / "model.safetensors").is_file():
+        sd, _ = safetensors_io.load(path / "model.safetensors")
+    elif (path / "pytorch_model.bin").is_file():
+        from converters.peft_to_jax import read_state_dict
+
+        sd, _ = read_state_dict(path / "pytorch_model.bin")
+    else:
+        raise DndError(f"{path}: no model.safetensors or pytorch_model.bin")
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("bert.").removeprefix("0.auto_model.")
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        out[k] = v
+    return out
+
+
+def load_encoder(path: str | Path, dtype=jnp.float32) -> BertEncoder:
+    """Loads a local BERT-family checkpoint directory (HF or sentence-transformers) into BertEncoder.
+
+    Args:
+      path: directory with config.json and model.safetensors (or pytorch_model.bin).
+      dtype: compute dtype (parameters stay float32).
+    """
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise DndError(f"{path}: no config.json; not a model directory")
+    cfg = BertConfig.from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
+    sd = _read_weights(path)
+    model = BertEncoder(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+
+    def take(key: str, shape) -> jnp.ndarray:
+        if key not in sd:
+            raise DndError(f"{path}: weight {key!r} missing; not a BERT checkpoint")
+        v = np.asarray(sd[key], np.float32)
+        if v.shape != tuple(shape):
+            raise DndError(f"{path}: weight {key!r} has shape {list(v.shape)}, expected {list(shape)}")
+        return jnp.asarray(v)
+
+    def fill(mod, hf: str):
+        if isinstance(mod, nnx.Embed):
+            mod.embedding[...] = take(f"{hf}.weight", mod.embedding.shape)
+        elif isinstance(mod, nnx.LayerNorm):
+            mod.scale[...] = take(f"{hf}.weight", mod.scale.shape)
+            mod.bias[...] = take(f"{hf}.bias", mod.bias.shape)
+        else:  # Linear: torch [out, in] -> kernel [in, out]
+            mod.kernel[...] = take(f"{hf}.weight", mod.kernel.shape[::-1]).T
+            mod.bias[...] = take(f"{hf}.bias", mod.bias.shape)
+
+    for name in ("word", "position", "token_type", "emb_norm"):
+        fill(getattr(model, name), _MAP[name])
+    for i, layer in enumerate(model.layers):
+        for name in ("query", "key", "value", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm"):
+            fill(getattr(layer, name), f"encoder.layer.{i}.{_MAP[name]}")
+    return model
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's own fast tokenizer; a missing tokenizer file is a clear error."""
+    import transformers
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
+        raise DndError(f"{path}: no tokenizer file (tokenizer.json or vocab.txt)")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, use_fast=True)
+    except (OSError, ValueError) as e:
+        raise DndError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pads/truncates prompts to max_length as the original: (input_ids, attention_mask), int32 [P, L]."""
+    enc = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="np")  # fmt: skip
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def mean_pool(hidden, mask, normalize: bool = True):
+    """Sentence-transformers mean pooling (+ L2 normalisation as all-MiniLM's Normalize module)."""
+    m = mask[..., None].astype(jnp.float32)
+    pooled = (hidden.astype(jnp.float32) * m).sum(-2) / jnp.maximum(m.sum(-2), 1e-9)
+    if normalize:
+        pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    return pooled
