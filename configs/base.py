@@ -1,0 +1,146 @@
+"""Shared defaults of the DnD generator experiments (the paper's common-sense recipe, spec §4-§5).
+
+Each target config (configs/arc_c.py, ...) calls `get_config(target, train_datasets, steps, arg)`.
+The argument ":smoke" swaps in the CPU-sized setting of this repository: SmolLM2-135M-Instruct
+LoRA checkpoints collected with configs/collect/commonsense_smollm2.py, all-MiniLM-L6-v2, a tiny
+generator, a few steps. Without it the config is the paper's: Qwen2.5-0.5B LoRA tokens (4296, 10, 130),
+all-MiniLM-L12-v2, the 1.1 B generator, batch 64; its data paths must then be pointed at such
+checkpoints (they cannot be had offline here).
+
+  python -m dnd_jax.train --config configs/arc_c.py:smoke --workdir runs/train/arc_c_smoke
+"""
+
+import ml_collections
+
+# The paper's common-sense generator (spec §4.4): 1,113,203,220 parameters.
+PAPER_FEATURES = (
+    (128, 384, 384), (128, 200, 300), (128, 100, 256), (256, 50, 200), (512, 50, 200),
+    (1024, 25, 200), (1024, 10, 200), (2048, 10, 200), (4296, 10, 130),
+)  # fmt: skip
+# The common-sense datasets of the paper; SIQA replaces HellaSwag in ../shared/data/commonsense.
+PAPER_DATASETS = ("ARC-c", "ARC-e", "OBQA", "BoolQ", "WinoGrande", "PIQA", "HellaSwag")
+LOCAL_DATASETS = ("ARC-c", "ARC-e", "OBQA", "BoolQ", "WinoGrande", "PIQA", "SIQA")
+# SmolLM2-135M, r 8, chunk 64 -> 4770 tokens of (10, 66).
+SMOLLM2_TOKENS = (4770, 10, 66)
+
+
+def get_config(target: str, train_datasets, steps: int, arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Seed of initialisation, batch sampling, dropout and noise (the original: 999).
+    c.seed = 999
+
+    c.data = ml_collections.ConfigDict()
+    # Held-out (target) dataset: its checkpoints and prompts are never trained on, only monitored.
+    c.data.heldout_dataset = target
+    # Training datasets: checkpoints of each are paired with the same dataset's train prompts.
+    c.data.train_datasets = list(train_datasets)
+    # Collected PEFT checkpoints: <collection_dir>/<dataset>/step-*/ (python -m dnd_jax.collect).
+    c.data.collection_dir = "data/common_sense_reasoning"
+    # Token store (made on first use by dnd_jax.data.prepare; reused when up to date).
+    c.data.token_dir = "runs/tokens/qwen2.5-0.5b"
+    # Prompt datasets (dataset_info.json + <dataset>_train.json), read in place.
+    c.data.prompts_dir = "../shared/data/commonsense"
+    # Checkpoints per dataset, first in step order (the original: listdir()[:50]).
+    c.data.real_length = 50
+    # Token chunk width C (spec §2.2): 128 for Qwen2.5-0.5B.
+    c.data.chunk = 128
+    # Zero-pad feature sizes that chunk does not divide.
+    c.data.pad = False
+    # Prompts per sample (N).
+    c.data.num_texts = 128
+    # Prompt length in encoder tokens (L), padded and truncated.
+    c.data.max_text_length = 384
+
+    c.encoder = ml_collections.ConfigDict()
+    # Sentence-BERT checkpoint: a built-in name (dnd_jax/assets.py) or a local directory.
+    c.encoder.path = "models/all-MiniLM-L12-v2"
+    # Encoder compute dtype (the original runs it under bf16 autocast).
+    c.encoder.dtype = "bfloat16"
+    # Dropout in the frozen encoder during training (the original's train-mode behaviour).
+    c.encoder.train_dropout = True
+    # Zero the hidden states of padded prompt positions (the original does not).
+    c.encoder.mask_padding = False
+
+    c.model = ml_collections.ConfigDict()
+    # Activation shapes (N, H, W) from the condition (num_texts, max_text_length, hidden) to the tokens.
+    c.model.features = PAPER_FEATURES
+    # k of every k x k conv.
+    c.model.kernel_size = 9
+    # Conv compute dtype; parameters stay float32.
+    c.model.compute_dtype = "bfloat16"
+    # Run the last layer (whose output holds the scale code) in float32.
+    c.model.fp32_last_layer = True
+
+    c.train = ml_collections.ConfigDict()
+    # Global batch (the code: 64 = 4 GPUs x 16).
+    c.train.batch_size = 64
+    # Optimizer steps (spec §5.1, per target).
+    c.train.steps = steps
+    # Peak learning rate, cosine-decayed to 0 over the run.
+    c.train.learning_rate = 3e-5
+    # AdamW decoupled weight decay, on all parameters.
+    c.train.weight_decay = 0.1
+    # AdamW moments and epsilon.
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+    # Global-norm gradient clip.
+    c.train.max_grad_norm = 1.0
+    # Gaussian noise added to the conditions and (x 0.1) to the targets (noise_enhance).
+    c.train.noise_condition = 1e-4
+    c.train.noise_target = 1e-5
+    # Steps between metric logs (the only host syncs).
+    c.train.log_every = 10
+    # Steps between held-out evaluations (0: only at the start and the end).
+    c.train.eval_every = 100
+    # Held-out evaluation batches (fixed for the run).
+    c.train.eval_batches = 2
+    # Steps between checkpoints (and one at the end); checkpoints kept.
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    # Progress bar on stderr.
+    c.train.progress = True
+
+    c.mesh = ml_collections.ConfigDict()
+    # Device mesh: batch over both axes, parameters and optimizer state over fsdp; -1 = the rest.
+    c.mesh.shape = (-1, 1)
+    c.mesh.axes = ("data", "fsdp")
+    # (logical axis, mesh axis) rules in priority order (dnd_jax/sharding.py).
+    c.mesh.rules = (("tokens_out", "fsdp"), ("width_out", "fsdp"), ("tokens_in", "fsdp"), ("width_in", "fsdp"))
+
+    c.generate = ml_collections.ConfigDict()
+    # Adapters generated per run (the original: 10), each from its own prompt batch.
+    c.generate.num_adapters = 10
+    # Prompt split of the held-out dataset used as conditions at generation (unlabeled test prompts).
+    c.generate.split = "test"
+
+    if arg == "smoke":
+        smoke(c, target)
+    elif arg not in (None, ""):
+        raise ValueError(f"unknown config argument {arg!r} (expected nothing or 'smoke')")
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict, target: str) -> None:
+    """CPU-sized: SmolLM2 checkpoints, MiniLM-L6, a ~3 M parameter generator, seconds per run."""
+    c.data.train_datasets = [d.replace("HellaSwag", "SIQA") for d in c.data.train_datasets]
+    c.data.heldout_dataset = target.replace("HellaSwag", "SIQA")
+    c.data.collection_dir = "runs/collect"
+    c.data.token_dir = "runs/tokens/smollm2"
+    c.data.real_length = 20
+    c.data.chunk = 64
+    c.data.num_texts = 8
+    c.data.max_text_length = 32
+    c.encoder.path = "all-minilm-l6-v2"
+    c.encoder.dtype = "float32"
+    c.model.features = ((8, 32, 384), (16, 16, 96), (64, 10, 66), SMOLLM2_TOKENS)
+    c.model.kernel_size = 3
+    c.model.compute_dtype = "float32"
+    c.train.batch_size = 8
+    c.train.steps = 20
+    c.train.learning_rate = 1e-3
+    c.train.log_every = 5
+    c.train.eval_every = 10
+    c.train.eval_batches = 1
+    c.train.checkpoint_every = 10
+    c.generate.num_adapters = 2

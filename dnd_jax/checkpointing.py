@@ -1,0 +1,43 @@
+"""The only file that talks to orbax: atomic, keep-last-k checkpoints of the training state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves and restores a pytree training state under <workdir>/checkpoints.
+
+    Args:
+      directory: checkpoint root.
+      keep: number of most recent checkpoints kept.
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 3):
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, force: bool = False) -> None:
+        """Starts an (async, atomic) save of `state` at `step`."""
+        self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    def restore(self, step: int, abstract_state):
+        """Restores `step` into the shapes, dtypes and shardings of `abstract_state`."""
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,123 @@
+"""Prompt-checkpoint pairs: what the generator trains on (spec §5.1).
+
+Each training sample is a uniformly random (dataset, checkpoint) among the training datasets'
+prepared checkpoints, paired with `num_texts` prompts drawn without replacement from the same
+dataset's train split. Sampling depends only on (seed, step), so a resumed run sees exactly the
+batches an uninterrupted run would. Prompts are tokenized once per dataset (the encoder itself
+runs inside the jitted step); tokens come from the memory-mapped token store.
+
+Legend: B batch, N prompts per sample, L text length, T tokens, R/K token rows/columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from dnd_jax.data.prepare import TokenSet
+from dnd_jax.data.prompts import sample_prompt_batch
+from dnd_jax.errors import DndError
+
+
+@dataclasses.dataclass
+class PromptPool:
+    """One dataset's prompts, tokenized once."""
+
+    name: str
+    input_ids: np.ndarray  # [P, L] int32
+    attention_mask: np.ndarray  # [P, L] int32
+
+
+@dataclasses.dataclass
+class Batch:
+    input_ids_bnl: np.ndarray
+    attention_mask_bnl: np.ndarray
+    tokens_btrk: np.ndarray
+
+    def slice(self, lo: int, hi: int) -> Batch:
+        return Batch(self.input_ids_bnl[lo:hi], self.attention_mask_bnl[lo:hi], self.tokens_btrk[lo:hi])
+
+
+def tokenize_pool(tokenizer, name: str, prompts: list[str], max_length: int) -> PromptPool:
+    """Tokenizes a dataset's prompts (padding to max_length, truncating, as the original)."""
+    from dnd_jax.models.encoder import tokenize_prompts
+
+    ids, mask = tokenize_prompts(tokenizer, prompts, max_length)
+    return PromptPool(name, ids.astype(np.int32), mask.astype(np.int32))
+
+
+class PairSampler:
+    """Deterministic batches of (prompt batch, checkpoint tokens) pairs.
+
+    Args:
+      token_sets: training datasets' prepared tokens.
+      pools: prompt pools with the same names as token_sets.
+      num_texts: prompts per sample.
+      batch_size: global batch size.
+      seed: base seed; batch `step` depends only on (seed, step).
+    """
+
+    def __init__(self, token_sets: list[TokenSet], pools: dict[str, PromptPool], num_texts: int,
+                 batch_size: int, seed: int):  # fmt: skip
+        self.sets, self.pools = token_sets, pools
+        self.num_texts, self.batch_size, self.seed = num_texts, batch_size, seed
+        for s in token_sets:
+            if s.name not in pools:
+                raise DndError(f"no prompts for training dataset {s.name!r}")
+            if pools[s.name].input_ids.shape[0] < num_texts:
+                raise DndError(f"{s.name}: {pools[s.name].input_ids.shape[0]} prompts, fewer than num_texts={num_texts}")
+        # Flat index over all checkpoints: item i -> (dataset, checkpoint), as the original's i % 300.
+        self.index = [(d, c) for d, s in enumerate(token_sets) for c in range(s.tokens.shape[0])]
+
+    def rows(self, step: int, lo: int = 0, hi: int | None = None) -> Batch:
+        """Samples [lo, hi) of the global batch of `step` (a process loads only its rows)."""
+        rng = np.random.default_rng([self.seed, step])
+        picks = rng.integers(0, len(self.index), size=self.batch_size)
+        prompt_rngs = rng.spawn(self.batch_size)
+        hi = self.batch_size if hi is None else hi
+        ids, masks, toks = [], [], []
+        for b in range(lo, hi):
+            d, c = self.index[picks[b]]
+            s = self.sets[d]
+            pool = self.pools[s.name]
+            sel = np.sort(sample_prompt_batch(pool.input_ids.shape[0], self.num_texts, prompt_rngs[b], s.name))
+            ids.append(pool.input_ids[sel])
+            masks.append(pool.attention_mask[sel])
+            toks.append(np.asarray(s.tokens[c], dtype=np.float32))
+        return Batch(np.stack(ids), np.stack(masks), np.stack(toks))
+
+
+def prompt_batch(pool: PromptPool, num_texts: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One [N, L] prompt batch from a pool (generation and held-out evaluation)."""
+    sel = np.sort(sample_prompt_batch(pool.input_ids.shape[0], num_texts, rng, pool.name))
+    return pool.input_ids[sel], pool.attention_mask[sel]
+
+
+def prefetch(make, steps: range, depth: int = 2) -> Iterator:
+    """Runs `make(step)` in a background thread, `depth` steps ahead, in order."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def worker():
+        try:
+            for s in steps:
+                if stop.is_set():
+                    return
+                q.put((s, make(s), None))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
+            q.put((None, None, e))
+
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    try:
+        for _ in steps:
+            s, item, err = q.get()
+            if err is not None:
+                raise err
+            yield s, item
+    finally:
+        stop.set()

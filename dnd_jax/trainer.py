@@ -1,0 +1,332 @@
+"""The training loop: data checks, mesh, sharded jitted step, held-out eval, checkpoints, metrics.
+
+`train_and_evaluate(config, workdir)` is what `python -m dnd_jax.train` calls. Everything a user
+can get wrong (paths, token shapes against the generator config, batch against the mesh) is
+checked before anything is compiled.
+
+Legend: B batch, N prompts per sample, L text length, D encoder hidden, T parameter tokens,
+R/K token rows/columns. The step: prompts [B, N, L] -> frozen BERT (dropout as the original,
+keyed by the step) -> condition [B, N, L, D] + 1e-4 noise -> generator -> tokens [B, T, R, K];
+loss = mean over valid entries of w_t (pred - (target + 1e-5 noise))^2 (spec §5.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dnd_jax import sharding
+from dnd_jax.checkpointing import Checkpointer
+from dnd_jax.config_cli import check_same_config, config_dict, save_config
+from dnd_jax.data import pairs
+from dnd_jax.errors import DndError
+from dnd_jax.models.hyperconv import GeneratorConfig, HyperConvDecoder, layer_flops
+
+
+@dataclasses.dataclass
+class Data:
+    """Everything the loop reads, loaded and checked before compilation."""
+
+    train_sets: list
+    heldout: object  # TokenSet of the held-out dataset (monitoring only)
+    weight: np.ndarray  # [T] mean criterion weight of the training datasets
+    sampler: pairs.PairSampler
+    heldout_pool: pairs.PromptPool
+    encoder: object
+    layout: object
+
+
+def generator_config(config) -> GeneratorConfig:
+    return GeneratorConfig(features=tuple(tuple(f) for f in config.model.features), kernel_size=config.model.kernel_size,
+                           compute_dtype=config.model.compute_dtype, fp32_last_layer=config.model.fp32_last_layer)  # fmt: skip
+
+
+def load_data(config) -> Data:
+    """Prepares (or reuses) the token store, loads prompts and the encoder, checks every shape."""
+    from dnd_jax.assets import resolve_model
+    from dnd_jax.data.prepare import mean_criterion_weight, open_token_set, prepare_dataset
+    from dnd_jax.data.prompts import load_split
+    from dnd_jax.models.encoder import load_encoder, load_tokenizer
+
+    d, gen = config.data, generator_config(config)
+    names = list(d.train_datasets)
+    if d.heldout_dataset in names:
+        raise DndError(f"config field data.heldout_dataset: {d.heldout_dataset!r} is also a training dataset")
+    sets = {}
+    for name in [*names, d.heldout_dataset]:
+        src = Path(d.collection_dir) / name
+        if not src.is_dir():
+            raise DndError(f"{src}: no checkpoints of dataset {name!r} (config field data.collection_dir)")
+        out = prepare_dataset(src, Path(d.token_dir) / name, d.chunk, d.real_length, d.pad)
+        sets[name] = open_token_set(out, d.real_length)
+        got = tuple(sets[name].tokens.shape[1:])
+        if got != tuple(gen.features[-1]):
+            raise DndError(f"{out}: token shape {list(got)} differs from config model.features[-1] "
+                           f"{list(gen.features[-1])} (set it to the data's shape, or data.chunk)")  # fmt: skip
+    n, length, dim = gen.features[0]
+    if d.num_texts != n or d.max_text_length != length:
+        raise DndError(f"config: data.num_texts/max_text_length ({d.num_texts}, {d.max_text_length}) differ from "
+                       f"model.features[0][:2] {[n, length]}")  # fmt: skip
+    enc_path = resolve_model(config.encoder.path)
+    encoder = load_encoder(enc_path, dtype=jnp.dtype(config.encoder.dtype))
+    if encoder.cfg.hidden_size != dim:
+        raise DndError(f"{enc_path}: encoder hidden size {encoder.cfg.hidden_size} != model.features[0][2] {dim}")
+    tok = load_tokenizer(enc_path)
+    pools = {
+        name: pairs.tokenize_pool(tok, name, [r["prompt"] for r in load_split(d.prompts_dir, f"{name}_train", False)],
+                                  d.max_text_length)
+        for name in [*names, d.heldout_dataset]
+    }  # fmt: skip
+    train_sets = [sets[nm] for nm in names]
+    sampler = pairs.PairSampler(train_sets, pools, d.num_texts, config.train.batch_size, config.seed)
+    if pools[d.heldout_dataset].input_ids.shape[0] < d.num_texts:
+        raise DndError(f"{d.heldout_dataset}: fewer prompts than num_texts={d.num_texts}")
+    return Data(train_sets, sets[d.heldout_dataset], mean_criterion_weight(train_sets), sampler,
+                pools[d.heldout_dataset], encoder, train_sets[0].layout)  # fmt: skip
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (decay on all parameters), cosine decay to 0 over the run, global-norm clip (spec §5.3)."""
+    t = config.train
+    schedule = optax.cosine_decay_schedule(t.learning_rate, max(t.steps, 1))
+    tx = optax.chain(
+        optax.clip_by_global_norm(t.max_grad_norm),
+        optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay),
+    )
+    return tx, schedule
+
+
+def _encode(enc_graphdef, enc_state, ids_bnl, mask_bnl, key, mask_padding):
+    encoder = nnx.merge(enc_graphdef, enc_state)
+    cond = encoder(ids_bnl, mask_bnl, key=key, mask_padding=mask_padding)
+    return jax.lax.stop_gradient(cond).astype(jnp.float32)  # frozen: no gradient reaches BERT
+
+
+def weighted_mse(pred_btrk, target_btrk, weight_t):
+    """Mean over valid (non-NaN) entries of w_t * (pred - target)^2, in float32."""
+    valid = ~jnp.isnan(target_btrk)
+    err = (pred_btrk.astype(jnp.float32) - jnp.where(valid, target_btrk, 0.0)) ** 2
+    return jnp.sum(jnp.where(valid, weight_t[None, :, None, None] * err, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+
+def make_steps(config, graphdef, enc_graphdef, tx, schedule):
+    """Returns the (unjitted) train and eval step functions."""
+    t, e = config.train, config.encoder
+    compute = jnp.dtype(config.model.compute_dtype)
+
+    def loss_fn(params, enc_state, batch, weight, key):
+        k_drop, k_cond, k_tgt = jax.random.split(key, 3)
+        cond = _encode(enc_graphdef, enc_state, batch["input_ids"], batch["attention_mask"],
+                       k_drop if e.train_dropout else None, e.mask_padding)  # fmt: skip
+        cond = cond + t.noise_condition * jax.random.normal(k_cond, cond.shape, jnp.float32)
+        pred = nnx.merge(graphdef, params)(cond.astype(compute))
+        target = batch["tokens"] + t.noise_target * jax.random.normal(k_tgt, batch["tokens"].shape, jnp.float32)
+        loss = weighted_mse(pred, target, weight)
+        return loss, (jnp.mean(jnp.square(pred.astype(jnp.float32))), jnp.mean(jnp.square(batch["tokens"])))
+
+    def train_step(state, enc_state, batch, weight):
+        key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+        (loss, (gen_ms, tgt_ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], enc_state, batch, weight, key
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+                   "generated_mean_square": gen_ms, "target_mean_square": tgt_ms}  # fmt: skip
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    def eval_step(params, enc_state, batch, weight):
+        cond = _encode(enc_graphdef, enc_state, batch["input_ids"], batch["attention_mask"], None, e.mask_padding)
+        pred = nnx.merge(graphdef, params)(cond.astype(compute))
+        return weighted_mse(pred, batch["tokens"], weight), jnp.mean(jnp.square(pred.astype(jnp.float32)))
+
+    return train_step, eval_step
+
+
+def _tree_shardings(tree, param_sh, rep):
+    """Shardings of an optimizer state: subtrees shaped like the params follow them, the rest replicate."""
+    pstruct = jax.tree.structure(param_sh)
+
+    def is_params(x):
+        return not isinstance(x, jax.ShapeDtypeStruct) and jax.tree.structure(x) == pstruct
+
+    return jax.tree.map(lambda x: param_sh if is_params(x) else rep, tree, is_leaf=is_params)
+
+
+class Writer:
+    """TensorBoard event files plus metrics.jsonl in the workdir (process 0 only)."""
+
+    def __init__(self, workdir: Path):
+        self.active = jax.process_index() == 0
+        self.tb = None
+        if not self.active:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:
+            print("warning: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+        self.jsonl = (workdir / "metrics.jsonl").open("a")
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        clean = {k: float(v) for k, v in metrics.items()}
+        if self.tb is not None:
+            for k, v in clean.items():
+                self.tb.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.active:
+            if self.tb is not None:
+                self.tb.close()
+            self.jsonl.close()
+
+
+def _global_batch(b: pairs.Batch, batch_sh, global_b: int) -> dict:
+    def put(x):
+        return jax.make_array_from_process_local_data(batch_sh, x, (global_b, *x.shape[1:]))
+
+    return {"input_ids": put(b.input_ids_bnl), "attention_mask": put(b.attention_mask_bnl), "tokens": put(b.tokens_btrk)}
+
+
+def heldout_batches(data: Data, config) -> list[pairs.Batch]:
+    """Fixed held-out monitoring batches: held-out train prompts, held-out checkpoints (spec §5.1)."""
+    rng = np.random.default_rng([config.seed, 1_000_003])
+    n, out = data.heldout.tokens.shape[0], []
+    for _ in range(config.train.eval_batches):
+        idx = rng.integers(0, n, size=config.train.batch_size)
+        ids, masks = zip(*[pairs.prompt_batch(data.heldout_pool, config.data.num_texts, rng) for _ in idx], strict=True)
+        toks = np.stack([np.asarray(data.heldout.tokens[i], np.float32) for i in idx])
+        out.append(pairs.Batch(np.stack(ids), np.stack(masks), toks))
+    return out
+
+
+def train_and_evaluate(config, workdir: str | Path) -> dict:
+    """Trains the generator; resumes from the latest checkpoint in `workdir`.
+
+    Args:
+      config: the resolved ConfigDict (configs/*.py).
+      workdir: output directory (checkpoints/, tensorboard/, metrics.jsonl, config.json).
+
+    Returns:
+      Final metrics: the last training metrics and the held-out weighted MSE at the start and end.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_path = workdir / "config.json"
+    if cfg_path.is_file():
+        check_same_config(json.loads(cfg_path.read_text()), config_dict(config), str(workdir))
+    data = load_data(config)
+    gen = generator_config(config)
+    t = config.train
+    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+    if t.batch_size % mesh.size:
+        raise DndError(f"config field train.batch_size {t.batch_size} is not divisible by the {mesh.size} devices")
+    if jax.process_index() == 0:
+        save_config(config, cfg_path)
+    rules = [tuple(r) for r in config.mesh.rules]
+    with jax.set_mesh(mesh):
+        return _run(config, workdir, data, gen, mesh, rules)
+
+
+def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
+    t = config.train
+    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    abstract = nnx.eval_shape(lambda: HyperConvDecoder(gen, nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    specs = nnx.to_pure_dict(sharding.param_specs(abstract_params, mesh, rules))
+    param_sh = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+    tx, schedule = make_optimizer(config)
+
+    def init_state():
+        params = nnx.to_pure_dict(nnx.state(HyperConvDecoder(gen, nnx.Rngs(params=config.seed)), nnx.Param))
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    abstract_state = jax.eval_shape(init_state)
+    state_sh = {"params": param_sh, "opt_state": _tree_shardings(abstract_state["opt_state"], param_sh, rep),
+                "step": rep}  # fmt: skip
+    enc_graphdef, enc_state = nnx.split(data.encoder)
+    enc_state = jax.device_put(enc_state, rep)
+    weight = jax.device_put(jnp.asarray(data.weight), rep)
+
+    train_step, eval_step = make_steps(config, graphdef, enc_graphdef, tx, schedule)
+    traces = {"train": 0}
+
+    def counted(*a):
+        traces["train"] += 1  # runs at trace time only: counts compilations
+        return train_step(*a)
+
+    train_jit = jax.jit(counted, in_shardings=(state_sh, rep, batch_sh, rep), out_shardings=(state_sh, rep),
+                        donate_argnums=(0,))  # fmt: skip
+    eval_jit = jax.jit(eval_step, in_shardings=(param_sh, rep, batch_sh, rep), out_shardings=rep)
+
+    ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
+    start = ckpt.latest_step()
+    if start is None:
+        state, start = jax.jit(init_state, out_shardings=state_sh)(), 0
+    else:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+        state = ckpt.restore(start, target)
+        print(f"resumed from step {start} in {workdir / 'checkpoints'}", file=sys.stderr)
+
+    n_proc, pid = jax.process_count(), jax.process_index()
+    lo, hi = pid * t.batch_size // n_proc, (pid + 1) * t.batch_size // n_proc
+    eval_batches = heldout_batches(data, config)
+    writer = Writer(workdir)
+    flops = 3 * layer_flops(gen) * t.batch_size  # forward + backward ~ 3x forward
+
+    def evaluate(step: int, params) -> dict:
+        vals = [eval_jit(params, enc_state, _global_batch(b.slice(lo, hi), batch_sh, t.batch_size), weight)
+                for b in eval_batches]  # fmt: skip
+        m = {"heldout/wmse": np.mean([float(v[0]) for v in vals]),
+             "heldout/generated_mean_square": np.mean([float(v[1]) for v in vals])}  # fmt: skip
+        writer.write(step, m)
+        return m
+
+    result = {"start_step": start}
+    if start == 0:
+        result["heldout_wmse_start"] = evaluate(0, state["params"])["heldout/wmse"]
+    from tqdm import tqdm
+
+    bar = tqdm(total=t.steps, initial=start, desc="train", disable=pid != 0 or not t.progress, file=sys.stderr)
+    metrics, t_last, last_logged = None, time.perf_counter(), start
+    try:
+        for step, b in pairs.prefetch(lambda s: data.sampler.rows(s, lo, hi), range(start, t.steps)):
+            state, metrics = train_jit(state, enc_state, _global_batch(b, batch_sh, t.batch_size), weight)
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                m = jax.device_get(metrics)  # the only host sync, every log_every steps
+                if not math.isfinite(float(m["loss"])):
+                    raise DndError(f"non-finite loss {float(m['loss'])} at step {done}")
+                dt = (time.perf_counter() - t_last) / (done - last_logged)
+                t_last, last_logged = time.perf_counter(), done
+                m = {**m, "step_time_s": dt, "samples_per_s": t.batch_size / dt, "flop_per_s": flops / dt}
+                writer.write(done, m)
+                bar.set_postfix(loss=f"{float(m['loss']):.4g}", gms=f"{float(m['generated_mean_square']):.3f}")
+            if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+                evaluate(done, state["params"])
+            if done % t.checkpoint_every == 0 or done == t.steps:
+                ckpt.save(done, state)
+            bar.update(1)
+        final = evaluate(t.steps, state["params"])
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    result.update(heldout_wmse_end=final["heldout/wmse"], traces=traces["train"], state=state,
+                  last_metrics=jax.device_get(metrics) if metrics is not None else None)  # fmt: skip
+    return result
