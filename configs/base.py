@@ -33,7 +33,7 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     # Held-out (target) dataset: its checkpoints and prompts are never trained on, only monitored.
     c.data.heldout_dataset = target
     # Training datasets: checkpoints of each are paired with the same dataset's train prompts.
-    c.data.train_datasets = list(train_datasets)
+    c.data.train_datasets = tuple(train_datasets)
     # Collected PEFT checkpoints: <collection_dir>/<dataset>/step-*/ (python -m dnd_jax.collect).
     c.data.collection_dir = "data/common_sense_reasoning"
     # Token store (made on first use by dnd_jax.data.prepare; reused when up to date).
@@ -123,7 +123,7 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
 
 def smoke(c: ml_collections.ConfigDict, target: str) -> None:
     """CPU-sized: SmolLM2 checkpoints, MiniLM-L6, a ~3 M parameter generator, seconds per run."""
-    c.data.train_datasets = [d.replace("HellaSwag", "SIQA") for d in c.data.train_datasets]
+    c.data.train_datasets = tuple(d.replace("HellaSwag", "SIQA") for d in c.data.train_datasets)
     c.data.heldout_dataset = target.replace("HellaSwag", "SIQA")
     c.data.collection_dir = "runs/collect"
     c.data.token_dir = "runs/tokens/smollm2"

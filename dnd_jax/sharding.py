@@ -9,7 +9,7 @@ replicated. Batches are split over every mesh axis on their leading dimension.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 from flax import nnx

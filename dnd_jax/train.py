@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
           f"({jax.process_count()} process(es))", file=sys.stderr)  # fmt: skip
     r = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     start = r.get("heldout_wmse_start")
-    print(f"held-out weighted MSE: {'' if start is None else f'{start:.5f} at step 0 -> '}"
-          f"{r['heldout_wmse_end']:.5f} at step {flags.FLAGS.config.train.steps}; workdir {flags.FLAGS.workdir}")
+    print(
+        f"held-out weighted MSE: {'' if start is None else f'{start:.5f} at step 0 -> '}"
+        f"{r['heldout_wmse_end']:.5f} at step {flags.FLAGS.config.train.steps}; workdir {flags.FLAGS.workdir}"
+    )
     return 0
 
 

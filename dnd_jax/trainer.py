@@ -47,8 +47,9 @@ class Data:
 
 
 def generator_config(config) -> GeneratorConfig:
-    return GeneratorConfig(features=tuple(tuple(f) for f in config.model.features), kernel_size=config.model.kernel_size,
-                           compute_dtype=config.model.compute_dtype, fp32_last_layer=config.model.fp32_last_layer)  # fmt: skip
+    m = config.model
+    return GeneratorConfig(features=tuple(tuple(f) for f in m.features), kernel_size=m.kernel_size,
+                           compute_dtype=m.compute_dtype, fp32_last_layer=m.fp32_last_layer)  # fmt: skip
 
 
 def load_data(config) -> Data:
@@ -141,7 +142,7 @@ def make_steps(config, graphdef, enc_graphdef, tx, schedule):
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                    "generated_mean_square": gen_ms, "target_mean_square": tgt_ms}  # fmt: skip
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
@@ -200,7 +201,11 @@ def _global_batch(b: pairs.Batch, batch_sh, global_b: int) -> dict:
     def put(x):
         return jax.make_array_from_process_local_data(batch_sh, x, (global_b, *x.shape[1:]))
 
-    return {"input_ids": put(b.input_ids_bnl), "attention_mask": put(b.attention_mask_bnl), "tokens": put(b.tokens_btrk)}
+    return {
+        "input_ids": put(b.input_ids_bnl),
+        "attention_mask": put(b.attention_mask_bnl),
+        "tokens": put(b.tokens_btrk),
+    }
 
 
 def heldout_batches(data: Data, config) -> list[pairs.Batch]:
@@ -215,12 +220,13 @@ def heldout_batches(data: Data, config) -> list[pairs.Batch]:
     return out
 
 
-def train_and_evaluate(config, workdir: str | Path) -> dict:
+def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict:
     """Trains the generator; resumes from the latest checkpoint in `workdir`.
 
     Args:
       config: the resolved ConfigDict (configs/*.py).
       workdir: output directory (checkpoints/, tensorboard/, metrics.jsonl, config.json).
+      devices: devices of the mesh (default: all).
 
     Returns:
       Final metrics: the last training metrics and the held-out weighted MSE at the start and end.
@@ -233,7 +239,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     data = load_data(config)
     gen = generator_config(config)
     t = config.train
-    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
     if t.batch_size % mesh.size:
         raise DndError(f"config field train.batch_size {t.batch_size} is not divisible by the {mesh.size} devices")
     if jax.process_index() == 0:

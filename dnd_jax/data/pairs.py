@@ -69,7 +69,9 @@ class PairSampler:
             if s.name not in pools:
                 raise DndError(f"no prompts for training dataset {s.name!r}")
             if pools[s.name].input_ids.shape[0] < num_texts:
-                raise DndError(f"{s.name}: {pools[s.name].input_ids.shape[0]} prompts, fewer than num_texts={num_texts}")
+                raise DndError(
+                    f"{s.name}: {pools[s.name].input_ids.shape[0]} prompts, fewer than num_texts={num_texts}"
+                )
         # Flat index over all checkpoints: item i -> (dataset, checkpoint), as the original's i % 300.
         self.index = [(d, c) for d, s in enumerate(token_sets) for c in range(s.tokens.shape[0])]
 

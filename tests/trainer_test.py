@@ -1,0 +1,145 @@
+"""The sharded training loop on a tiny experiment (real MiniLM encoder, synthetic PEFT checkpoints)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from dnd_jax import trainer
+from dnd_jax.checkpointing import Checkpointer
+from dnd_jax.errors import DndError
+from tests.train_fixtures import cli_overrides, make_experiment, params_close, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory):
+    return make_experiment(tmp_path_factory.mktemp("exp"))
+
+
+def test_sharded_step_matches_single_device_and_compiles_once(exp, tmp_path):
+    assert jax.device_count() == 8
+    # Adam's first steps are ~lr * sign(g): float32 reduction-order noise in a near-zero gradient flips
+    # the sign. eps = 1 makes the update smooth in g, so parameters can be compared tightly.
+    over = {"train.steps": 3, "train.eps": 1.0}
+    sharded = trainer.train_and_evaluate(tiny_config(exp, **{"mesh.shape": (4, 2), **over}), tmp_path / "mesh")
+    single = trainer.train_and_evaluate(
+        tiny_config(exp, **{"mesh.shape": (1, 1), **over}), tmp_path / "one", devices=jax.devices()[:1]
+    )
+    assert sharded["traces"] == 1 and single["traces"] == 1  # 3 steps, one compilation
+    # fsdp really shards the parameters: the largest kernel is split over the fsdp axis
+    conv_l = sharded["state"]["params"]["layers"][1]["conv_l"]  # [3, 3, 8, 87]: 87 is odd, tokens_in is split
+    assert tuple(conv_l.sharding.spec) == (None, None, "fsdp", None)
+    assert conv_l.addressable_shards[0].data.shape == (3, 3, 4, 87)
+    # Same math on 8 devices as on 1: only the reduction order differs (float32).
+    np.testing.assert_allclose(sharded["last_metrics"]["loss"], single["last_metrics"]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(sharded["last_metrics"]["grad_norm"], single["last_metrics"]["grad_norm"], rtol=1e-4)
+    moved = params_close(sharded["state"]["params"], trainer_init(exp))
+    assert moved > 1e-4  # the parameters did change
+    assert params_close(sharded["state"]["params"], single["state"]["params"]) < 1e-7
+    assert abs(sharded["heldout_wmse_end"] - single["heldout_wmse_end"]) < 1e-5
+
+
+def trainer_init(exp):
+    from flax import nnx
+
+    from dnd_jax.models.hyperconv import HyperConvDecoder
+
+    cfg = tiny_config(exp)
+    model = HyperConvDecoder(trainer.generator_config(cfg), nnx.Rngs(params=cfg.seed))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_loss_is_the_weighted_mse_numpy_oracle():
+    rng = np.random.default_rng(0)
+    pred, tgt = rng.standard_normal((2, 5, 3, 4)), rng.standard_normal((2, 5, 3, 4))
+    tgt[0, 1, 2, 3] = np.nan
+    w = rng.random(5)
+    valid = ~np.isnan(tgt)
+    expect = np.sum((w[None, :, None, None] * (pred - np.nan_to_num(tgt)) ** 2)[valid]) / valid.sum()
+    got = trainer.weighted_mse(pred.astype(np.float32), tgt.astype(np.float32), w.astype(np.float32))
+    np.testing.assert_allclose(float(got), expect, rtol=1e-5)
+
+
+def _train_cmd(exp: Path, workdir: Path, steps: int) -> list[str]:
+    over = cli_overrides(exp, **{"train.steps": steps, "train.checkpoint_every": 2})
+    return [sys.executable, "-m", "dnd_jax.train", "--config", str(REPO / "configs/arc_c.py:smoke"),
+            f"--workdir={workdir}", *over]  # fmt: skip
+
+
+def _final_params(workdir: Path, step: int):
+    ck = Checkpointer(workdir / "checkpoints")
+    try:
+        return _restore(ck, step)
+    finally:
+        ck.close()
+
+
+def _restore(ck, step):
+    import orbax.checkpoint as ocp
+
+    return ck.manager.restore(step, args=ocp.args.StandardRestore())["params"]
+
+
+def test_cli_killed_and_resumed_equals_uninterrupted(exp, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    steps = 8
+    full = subprocess.run(_train_cmd(exp, tmp_path / "full", steps), env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert "held-out weighted MSE" in full.stdout
+    # Kill the second run as soon as its first checkpoint (step 2) is committed.
+    work = tmp_path / "killed"
+    p = subprocess.Popen(_train_cmd(exp, work, steps), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (work / "checkpoints" / "2").is_dir():
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    latest = Checkpointer(work / "checkpoints").latest_step()
+    assert latest is not None and latest < steps
+    again = subprocess.run(_train_cmd(exp, work, steps), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from step {latest}" in again.stderr
+    assert params_close(_final_params(work, steps), _final_params(tmp_path / "full", steps)) == 0.0
+    assert (work / "config.json").is_file() and list((work / "tensorboard").iterdir())
+
+
+def test_config_typo_is_one_line(exp, tmp_path):
+    r = subprocess.run([*_train_cmd(exp, tmp_path / "w", 2), "--config.train.batchsize=4"],
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "batchsize" in r.stderr
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.collection_dir", "nowhere", "no checkpoints of dataset"),
+    ("model.features", ((4, 16, 384), (8, 8, 34), (90, 10, 34)), "differs from config model.features[-1]"),
+    ("data.train_datasets", ("alpha", "gamma"), "is also a training dataset"),
+    ("train.batch_size", 6, "not divisible"),
+])  # fmt: skip
+def test_bad_setup_fails_before_compiling(exp, tmp_path, monkeypatch, field, value, message):
+    compiled = []
+    monkeypatch.setattr(trainer.jax, "jit", lambda *a, **k: compiled.append(1))
+    with pytest.raises(DndError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        trainer.train_and_evaluate(tiny_config(exp, **{field: value}), tmp_path / "w")
+    assert not compiled
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_empty_collection_folder(exp, tmp_path):
+    (tmp_path / "collect" / "alpha").mkdir(parents=True)
+    with pytest.raises(DndError, match="alpha"):
+        trainer.train_and_evaluate(
+            tiny_config(exp, **{"data.collection_dir": str(tmp_path / "collect")}), tmp_path / "w"
+        )
