@@ -28,6 +28,7 @@ setup(
         "gguf>=0.17",
         "tqdm",
         "tensorboard",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6"],

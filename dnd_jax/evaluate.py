@@ -1,0 +1,313 @@
+"""Entry point: PyTorch evaluation of a base model and LoRA adapters on a multiple-choice dataset.
+
+  python -m dnd_jax.evaluate --base smollm2-135m-instruct --data ../shared/data/commonsense \
+      --dataset ARC-c --training runs/collect/ARC-e/step-000050 --generated runs/generated/arc_c/adapter-* \
+      --limit 200 --out runs/eval/arc_c
+
+The base model is loaded once; adapters are attached, scored and removed in turn (PEFT
+load_adapter / set_adapter / delete_adapter), never reloading the model. Two protocols:
+  ll   multiple-choice log-likelihood as lm-evaluation-harness computes it: context
+       "Question: <stem>\\nAnswer:", one continuation " <choice>" per option; acc = argmax of the
+       summed log-probabilities, acc_norm = argmax of log-probability per character of the choice.
+  gen  the original DnD protocol (spec §6.3): chat template + the dataset's system prompt, greedy
+       decoding, the answer parsed from the first 20 characters; unparseable outputs are counted
+       as format failures (and as wrong).
+Writes OUT/results.json, OUT/results.md (rows: base, each training LoRA, their mean, each generated
+adapter, their mean +- std) and OUT/results.png (bar chart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dnd_jax.errors import DndError, run_cli
+
+_OPTION = re.compile(r"^[A-H]: ")
+
+
+def question_stem(prompt: str) -> str:
+    """The prompt without its option lines and answer instructions (the lm-eval context)."""
+    lines = [ln for ln in prompt.splitlines() if not _OPTION.match(ln) and not ln.startswith("Please answer")]
+    return "\n".join(lines).strip()
+
+
+def check_records(records: list[dict], where: str) -> None:
+    for i, r in enumerate(records):
+        ch, ans = r.get("choices"), r.get("answer")
+        if not isinstance(ch, list) or len(ch) < 2 or not isinstance(ans, int) or not 0 <= ans < len(ch):
+            raise DndError(f"{where}: record {i} needs 'choices' (a list of >= 2 answers) and an 'answer' index")
+
+
+def loglikelihoods(model, tok, pairs: list[tuple[str, str]], batch_size: int, device: str) -> list[float]:
+    """Summed log P(continuation | context) per (context, continuation), batched with right padding."""
+    import torch
+
+    enc = []
+    for ctx, cont in pairs:
+        c_ids = tok(ctx, add_special_tokens=False)["input_ids"]
+        x_ids = tok(cont, add_special_tokens=False)["input_ids"]
+        enc.append((c_ids, x_ids))
+    out = []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for i in range(0, len(enc), batch_size):
+        chunk = enc[i : i + batch_size]
+        seqs = [c + x for c, x in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        for j, (c, x) in enumerate(chunk):
+            pos = torch.arange(len(c) - 1, len(c) + len(x) - 1)
+            out.append(float(logp[j, pos, torch.tensor(x)].sum()))
+    return out
+
+
+def score_ll(model, tok, records, batch_size: int, device: str) -> dict:
+    pairs, owners = [], []
+    for i, r in enumerate(records):
+        ctx = f"Question: {question_stem(r['prompt'])}\nAnswer:"
+        for ch in r["choices"]:
+            pairs.append((ctx, " " + str(ch)))
+            owners.append(i)
+    ll = loglikelihoods(model, tok, pairs, batch_size, device)
+    acc = acc_norm = 0
+    k = 0
+    for r in records:
+        n = len(r["choices"])
+        s = np.array(ll[k : k + n])
+        lens = np.array([len(" " + str(c)) for c in r["choices"]])
+        acc += int(np.argmax(s) == r["answer"])
+        acc_norm += int(np.argmax(s / lens) == r["answer"])
+        k += n
+    return {"acc": acc / len(records), "acc_norm": acc_norm / len(records)}
+
+
+def parse_answer(text: str, boolean: bool) -> str | None:
+    """The answer in the first 20 characters of a generation (spec §6.3), or None (format failure)."""
+    head = text[:20]
+    if boolean:
+        m = re.search(r"true|false", head, re.IGNORECASE)
+        return m.group(0).capitalize() if m else None
+    m = re.search(r"\[(.*?)\]", head)
+    cand = (m.group(1) if m else head.strip()[:1]).strip()[:1].upper()
+    if cand in "1234" and cand:
+        cand = "ABCD"["1234".index(cand)]
+    return cand if cand and cand in "ABCDEFGH" else None
+
+
+def gold_answer(record: dict) -> str:
+    m = re.search(r"\[(.*?)\]", record["response"])
+    return (m.group(1) if m else record["response"]).strip()
+
+
+def score_gen(model, tok, records, batch_size: int, device: str, max_new_tokens: int = 12) -> dict:
+    import torch
+
+    from dnd_jax.lm import chat_prompt_text
+
+    boolean = all(gold_answer(r) in ("True", "False") for r in records)
+    tok.padding_side = "left"
+    correct = failures = 0
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        texts = [chat_prompt_text(tok, r.get("system", ""), r["prompt"]) for r in chunk]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)  # fmt: skip
+        for r, g in zip(chunk, gen[:, enc["input_ids"].shape[1] :], strict=True):
+            pred = parse_answer(tok.decode(g, skip_special_tokens=True), boolean)
+            failures += pred is None
+            gold = gold_answer(r)
+            correct += pred is not None and pred.lower() == gold.lower()
+    return {"acc": correct / len(records), "format_failures": failures / len(records)}
+
+
+def check_adapter(path: Path, base_dir: Path) -> None:
+    """An adapter must be a PEFT LoRA dir whose every layer fits the base model."""
+    from converters.base_check import check_against_base
+    from converters.peft_to_jax import load_peft_adapter
+
+    if not (path / "adapter_config.json").is_file():
+        raise DndError(f"{path}: not a PEFT adapter directory (adapter_config.json missing)")
+    _, spec = load_peft_adapter(path)
+    check_against_base(spec, base_dir / "config.json", where=str(path))
+
+
+def evaluate(base: str, data_dir, dataset: str, adapters: list[tuple[str, str, Path]], out, split: str = "test",
+             limit: int | None = None, protocols=("ll", "gen"), batch_size: int = 16, device: str = "auto",
+             overwrite: bool = False) -> dict:  # fmt: skip
+    """Scores the base model and each (kind, name, path) adapter; writes results into `out`.
+
+    Args:
+      base: base model name (dnd_jax/assets.py) or local directory.
+      data_dir: data directory with dataset_info.json.
+      dataset: dataset name; its "<dataset>_<split>" records need choices and answer.
+      adapters: (kind "training" | "generated", display name, PEFT dir).
+      out: output directory (results.json, results.md, results.png), written atomically.
+      limit: first N records only.
+    """
+    from peft import PeftModel
+    from tqdm import tqdm
+
+    from dnd_jax.data.prompts import load_split
+    from dnd_jax.fileio import atomic_dir
+    from dnd_jax.lm import load_base, pick_device
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DndError(f"{out}: output already exists (pass --overwrite to replace it)")
+    records = load_split(data_dir, f"{dataset}_{split}")[:limit]
+    check_records(records, f"{data_dir}/{dataset}_{split}")
+    device = pick_device(device)
+    lm, tok, base_dir = load_base(base, "float32", device)
+    for _, _, p in adapters:  # all checked before any scoring starts
+        check_adapter(Path(p), Path(base_dir))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+
+    def run(model) -> dict:
+        res = {}
+        if "ll" in protocols:
+            res["ll"] = score_ll(model, tok, records, batch_size, device)
+        if "gen" in protocols:
+            res["gen"] = score_gen(model, tok, records, batch_size, device)
+        return res
+
+    rows = [{"kind": "base", "name": "base", "path": str(base_dir), **run(lm)}]
+    model = None
+    for i, (kind, name, path) in enumerate(tqdm(adapters, desc="adapters", file=sys.stderr)):
+        an = f"a{i}"
+        if model is None:
+            model = PeftModel.from_pretrained(lm, str(path), adapter_name=an, is_trainable=False)
+        else:
+            model.load_adapter(str(path), adapter_name=an, is_trainable=False)
+        model.set_adapter(an)
+        model.eval()
+        rows.append({"kind": kind, "name": name, "path": str(path), **run(model)})
+        if len(adapters) > i + 1:
+            model.delete_adapter(an)
+    result = {"base_model": str(base_dir), "dataset": dataset, "split": split, "items": len(records),
+              "protocols": list(protocols), "rows": rows, "summary": summarize(rows, protocols)}  # fmt: skip
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / "results.md").write_text(markdown_table(result))
+        plot(result, tmp / "results.png")
+    return result
+
+
+def _metrics(protocols) -> list[tuple[str, str]]:
+    out = []
+    if "ll" in protocols:
+        out += [("ll", "acc"), ("ll", "acc_norm")]
+    if "gen" in protocols:
+        out += [("gen", "acc"), ("gen", "format_failures")]
+    return out
+
+
+def summarize(rows: list[dict], protocols) -> dict:
+    """Mean (and std) of each metric over the training LoRAs and over the generated adapters."""
+    s = {}
+    for kind in ("training", "generated"):
+        group = [r for r in rows if r["kind"] == kind]
+        if group:
+            s[kind] = {f"{p}/{m}": {"mean": float(np.mean([r[p][m] for r in group])),
+                                    "std": float(np.std([r[p][m] for r in group])), "n": len(group)}
+                       for p, m in _metrics(protocols)}  # fmt: skip
+    return s
+
+
+def markdown_table(result: dict) -> str:
+    cols = _metrics(result["protocols"])
+    head = "| adapter | " + " | ".join(f"{p} {m}" for p, m in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+
+    def row(name, vals):
+        return f"| {name} | " + " | ".join(vals) + " |\n"
+
+    lines = [row("base", [f"{100 * result['rows'][0][p][m]:.1f}" for p, m in cols])]
+    for kind in ("training", "generated"):
+        group = [r for r in result["rows"] if r["kind"] == kind]
+        lines += [row(f"{kind}: {r['name']}", [f"{100 * r[p][m]:.1f}" for p, m in cols]) for r in group]
+        if group:
+            sm = result["summary"][kind]
+            fmt = (lambda v: f"**{100 * v['mean']:.1f}**") if kind == "training" else (
+                lambda v: f"**{100 * v['mean']:.1f} ± {100 * v['std']:.1f}**")  # fmt: skip
+            lines.append(row(f"**{kind} ({len(group)}), mean" + (" ± std**" if kind == "generated" else "**"),
+                             [fmt(sm[f"{p}/{m}"]) for p, m in cols]))  # fmt: skip
+    title = f"{result['dataset']} ({result['split']}, {result['items']} items), accuracy in %\n\n"
+    return title + head + "".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("warning: matplotlib is not installed; no results.png", file=sys.stderr)
+        return
+    cols = [c for c in _metrics(result["protocols"]) if c[1] != "format_failures"]
+    groups = [("base", [result["rows"][0]])] + [
+        (k, [r for r in result["rows"] if r["kind"] == k]) for k in ("training", "generated")
+    ]
+    groups = [(k, g) for k, g in groups if g]
+    fig, ax = plt.subplots(figsize=(2 + 1.8 * len(cols), 3.5))
+    w = 0.8 / len(groups)
+    for gi, (k, g) in enumerate(groups):
+        means = [100 * np.mean([r[p][m] for r in g]) for p, m in cols]
+        stds = [100 * np.std([r[p][m] for r in g]) for p, m in cols]
+        ax.bar(np.arange(len(cols)) + gi * w, means, w, yerr=stds, label=f"{k} ({len(g)})", capsize=3)
+    ax.set_xticks(np.arange(len(cols)) + w * (len(groups) - 1) / 2, [f"{p} {m}" for p, m in cols])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{result['dataset']} ({result['split']}, {result['items']} items)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dnd_jax.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--base", required=True, help="base model: built-in name or local directory")
+    ap.add_argument("--data", required=True, help="data directory with dataset_info.json")
+    ap.add_argument("--dataset", required=True, help="dataset name (its <name>_<split> entry is scored)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--training", nargs="*", default=[], help="PEFT dirs of training LoRAs")
+    ap.add_argument("--generated", nargs="*", default=[], help="PEFT dirs of generated adapters")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--limit", type=int, default=None, help="score the first N items only")
+    ap.add_argument("--protocols", default="ll,gen", help="comma-separated: ll (log-likelihood), gen (DnD)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args(argv)
+    protocols = tuple(p for p in a.protocols.split(",") if p)
+    if not protocols or set(protocols) - {"ll", "gen"}:
+        raise DndError(f"--protocols {a.protocols!r}: expected a comma-separated subset of ll,gen")
+    adapters = [("training", _name(p), Path(p)) for p in a.training] + [
+        ("generated", _name(p), Path(p)) for p in a.generated
+    ]
+    r = evaluate(a.base, a.data, a.dataset, adapters, a.out, a.split, a.limit, protocols, a.batch_size, a.device,
+                 a.overwrite)  # fmt: skip
+    print(markdown_table(r))
+    return 0
+
+
+def _name(p: str) -> str:
+    path = Path(p)
+    return f"{path.parent.name}/{path.name}"
+
+
+if __name__ == "__main__":
+    run_cli(main)
