@@ -1,0 +1,102 @@
+"""evaluate on the real SmolLM2-135M-Instruct: log-likelihood oracle, a trained LoRA beats the base, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from configs.collect import commonsense_smollm2
+from dnd_jax import evaluate
+from dnd_jax.collect import collect
+from dnd_jax.errors import DndError
+from dnd_jax.lm import load_base
+from tests.lora_fixtures import make_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEM = "Answer by a single [ans] (ans is A or B)."
+WORDS = ["river", "stone", "cloud", "apple", "chair", "green", "music", "table", "light", "sugar", "bread", "horse"]
+
+
+def write_fixed_answer_dataset(root: Path, n: int = 36) -> Path:
+    """Two-option questions about a made-up preference whose answer is always option B: the base model
+    cannot know the rule, a LoRA learns it in a few steps."""
+    rng = np.random.default_rng(1)
+    recs = []
+    for _ in range(n):
+        a, b = rng.choice(WORDS, 2, replace=False)
+        recs.append({"prompt": f"Which word does Zorblax prefer?\nA: {a}\nB: {b}", "response": "[B]",
+                     "system": SYSTEM, "choices": [str(a), str(b)], "answer": 1})  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    cols = {"prompt": "prompt", "response": "response", "system": "system"}
+    info = {}
+    for split, part in (("train", recs[:24]), ("test", recs[24:])):
+        (root / f"fixed_{split}.json").write_text(json.dumps(part))
+        info[f"fixed_{split}"] = {"file_name": f"fixed_{split}.json", "columns": cols}
+    (root / "dataset_info.json").write_text(json.dumps(info))
+    return root
+
+
+def test_loglikelihoods_match_hf_loss_oracle():
+    """Batched, padded scoring equals an unpadded forward whose HF cross-entropy loss gives -log P."""
+    lm, tok, _ = load_base("smollm2-135m-instruct")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    pairs = [("Question: What color is the sky?\nAnswer:", " blue"), ("Question: 2 + 2 =\nAnswer:", " four"),
+             ("Question: Name a fruit.\nAnswer:", " a ripe yellow banana")]  # fmt: skip
+    got = evaluate.loglikelihoods(lm, tok, pairs, batch_size=3, device="cpu")
+    for (ctx, cont), g in zip(pairs, got, strict=True):
+        c = tok(ctx, add_special_tokens=False)["input_ids"]
+        x = tok(cont, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([c + x])
+        labels = torch.tensor([[-100] * len(c) + x])
+        with torch.no_grad():
+            loss = lm(input_ids=ids, labels=labels).loss.item()  # mean NLL over the continuation
+        assert abs(g - (-loss * len(x))) < 1e-3
+
+
+def test_parse_answer_as_the_original():
+    assert evaluate.parse_answer("[C] because", False) == "C"
+    assert evaluate.parse_answer("B: some text", False) == "B"
+    assert evaluate.parse_answer("[2]", False) == "B"
+    assert evaluate.parse_answer("I think it is", False) is None
+    assert evaluate.parse_answer("The answer is true", True) == "True"
+    assert evaluate.parse_answer("[False]", True) == "False"
+    assert evaluate.parse_answer("maybe", True) is None
+
+
+def test_trained_lora_beats_base_via_cli(tmp_path):
+    data = write_fixed_answer_dataset(tmp_path / "data")
+    c = commonsense_smollm2.get_config("fixed,smoke")
+    c.data_dir = str(data)
+    c.phase1.steps, c.phase1.lr, c.phase1.batch_size = 12, 2e-3, 4
+    c.phase2.steps = 1
+    lora = collect(c, tmp_path / "collect") / "step-000013"
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, "-m", "dnd_jax.evaluate", "--base=smollm2-135m-instruct", f"--data={data}",
+                        "--dataset=fixed", f"--training={lora}", f"--generated={lora}", f"--out={out}"],
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    base, trained = res["rows"][0], res["rows"][1]
+    assert trained["gen"]["acc"] > base["gen"]["acc"]
+    assert trained["gen"]["acc"] >= 0.9
+    assert res["summary"]["generated"]["gen/acc"]["std"] == 0.0
+    assert (out / "results.png").stat().st_size > 1000
+    assert "| base |" in (out / "results.md").read_text() and "| base |" in r.stdout
+
+
+def test_adapter_for_another_base_model(tmp_path):
+    data = write_fixed_answer_dataset(tmp_path / "data")
+    _, other = make_adapter("qwen_plain", tmp_path / "tiny")  # a tiny Qwen2 adapter, hidden 64
+    with pytest.raises(DndError, match="tiny"):
+        evaluate.evaluate("smollm2-135m-instruct", data, "fixed", [("training", "x", Path(other))], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DndError, match="not a PEFT adapter"):
+        evaluate.evaluate("smollm2-135m-instruct", data, "fixed", [("training", "x", tmp_path)], tmp_path / "out")

@@ -1,0 +1,120 @@
+"""generate: a trained tiny workdir -> PEFT adapters that load with zero missing keys and act on the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+
+from converters.pytree import flatten
+from converters.safetensors_io import load as load_safetensors
+from dnd_jax import generate, lora_tokens, trainer
+from dnd_jax.data import pairs
+from dnd_jax.data.prepare import open_token_set
+from dnd_jax.errors import DndError
+from dnd_jax.models.encoder import load_tokenizer
+from tests.lora_fixtures import base_model
+from tests.train_fixtures import NAMES, make_experiment, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    exp = make_experiment(tmp_path_factory.mktemp("gen"))
+    trainer.train_and_evaluate(tiny_config(exp, **{"train.steps": 2}), exp / "wd")
+    return exp
+
+
+def test_generate_cli_writes_peft_adapters_that_change_the_model(trained, tmp_path):
+    prompts = trained / "prompts" / f"{NAMES[2]}_test.json"
+    out = tmp_path / "gen"
+    r = subprocess.run([sys.executable, "-m", "dnd_jax.generate", f"--workdir={trained / 'wd'}", f"--prompts={prompts}",
+                        "--num-adapters=2", f"--out={out}", "--repeats=2"],
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "s per adapter" in r.stdout
+    info = json.loads((out / "generation.json").read_text())
+    assert info["step"] == 2 and info["num_adapters"] == 2
+
+    base = base_model("qwen2")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = base(ids).logits
+    weights = []
+    for k in range(2):
+        d = out / f"adapter-{k}"
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        assert (cfg["r"], cfg["lora_alpha"], cfg["base_model_name_or_path"]) == (8, 16, "tiny-qwen2")
+        saved, _ = load_safetensors(d / "adapter_model.safetensors")
+        model = PeftModel.from_pretrained(base_model("qwen2"), str(d))
+        loaded = get_peft_model_state_dict(model)
+        assert set(loaded) == set(saved)  # zero missing, zero unexpected keys
+        for key, v in saved.items():
+            np.testing.assert_array_equal(loaded[key].numpy(), v)
+        with torch.no_grad():
+            delta = (model(ids).logits - ref).abs().max().item()
+        assert delta > 1e-4  # the adapter is not a no-op
+        weights.append(saved)
+    # different prompt batches give different adapters
+    key = next(iter(weights[0]))
+    assert not np.array_equal(weights[0][key], weights[1][key])
+
+
+def test_generated_weights_match_numpy_decoding(trained, tmp_path):
+    """The compiled prompts -> LoRA call equals an eager forward + NumPy detokenization."""
+    wd, exp = trained / "wd", trained
+    r = generate.generate(wd, exp / "prompts" / f"{NAMES[2]}_test.json", tmp_path / "g", num_adapters=1, repeats=1)
+    config, graphdef, params, _ = generate.load_run(wd)
+    data_layout = open_token_set(exp / "tokens" / NAMES[0]).layout
+    from dnd_jax.assets import resolve_model
+    from dnd_jax.models.encoder import load_encoder
+
+    enc_dir = resolve_model(config.encoder.path)
+    pool = pairs.tokenize_pool(load_tokenizer(enc_dir), "p", [
+        rec["prompt"] for rec in json.loads((exp / "prompts" / f"{NAMES[2]}_test.json").read_text())], 16)  # fmt: skip
+    ids, mask = pairs.prompt_batch(pool, 4, np.random.default_rng([config.seed, 7]))
+    cond = load_encoder(enc_dir)(ids[None], mask[None])
+    tokens = np.asarray(nnx.merge(graphdef, params)(cond), np.float64)
+    expect = lora_tokens.detokenize(tokens[0], data_layout)
+    saved, _ = load_safetensors(r["adapters"][0] / "adapter_model.safetensors")
+    a = saved["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"]
+    flat = flatten(expect)
+    assert len(flat) == 2 * 7 * 3
+    np.testing.assert_allclose(a, flat["layers/1/mlp/down_proj/lora_a"].T, atol=2e-5)
+    b = saved["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"]
+    np.testing.assert_allclose(b, flat["layers/0/self_attn/k_proj/lora_b"].T, atol=2e-5)
+    assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "no prompts"),
+    (b"\xff\xfe bad bytes\n", "not UTF-8"),
+    (b"one prompt\ntwo prompts\n", "fewer than num_texts"),
+])  # fmt: skip
+def test_bad_prompts_file(trained, tmp_path, content, message):
+    f = tmp_path / "prompts.txt"
+    f.write_bytes(content)
+    with pytest.raises(DndError, match=message):
+        generate.generate(trained / "wd", f, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_workdir_without_checkpoint(trained, tmp_path):
+    (tmp_path / "wd").mkdir()
+    (tmp_path / "wd" / "config.json").write_text((trained / "wd" / "config.json").read_text())
+    with pytest.raises(DndError, match="no generator checkpoint"):
+        generate.generate(tmp_path / "wd", trained / "prompts" / "gamma_test.json", tmp_path / "out")
+    with pytest.raises(DndError, match="not a training workdir"):
+        generate.generate(tmp_path, trained / "prompts" / "gamma_test.json", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
