@@ -144,3 +144,45 @@ def smoke(c: ml_collections.ConfigDict, target: str) -> None:
     c.train.eval_batches = 1
     c.train.checkpoint_every = 10
     c.generate.num_adapters = 2
+
+
+# What every SmolLM2-scale experiment in this repository changes from the paper (listed in reports).
+SMOLLM2_DEVIATIONS = (
+    "Base LM SmolLM2-135M-Instruct (4-bit GGUF round trip, fp32) instead of Qwen2.5-0.5B-Instruct: token "
+    "tensor (4770, 10, 66) with chunk 64 instead of (4296, 10, 130).",
+    "Prompt encoder all-MiniLM-L6-v2 (the paper's appendix) instead of L12 (the code), in float32.",
+    "LoRA collection shrunk to CPU scale (see the settings); the paper trains 75 phase-1 steps of batch 32 and "
+    "keeps 50 phase-2 checkpoints per dataset.",
+    "Generator shrunk to CPU scale (see the settings) instead of the 1.1 B parameter, 8-layer, k = 9 decoder; "
+    "fewer prompts per sample and shorter prompts than 128 x 384; learning rate raised to match the short run.",
+    "Plain float32 AdamW instead of bitsandbytes AdamW8bit; optax cosine decay over T steps (the original: "
+    "T + 1 updates with the schedule stepped on rank 0 only).",
+    "Evaluation by greedy decoding with the training chat template (the original samples at T 0.95 with "
+    "LLaMA-Factory's default template) and by log-likelihood; first `eval.limit` test items only.",
+)
+
+
+def add_pipeline(c: ml_collections.ConfigDict, collect: ml_collections.ConfigDict, config_name: str) -> None:
+    """Fields of `python -m dnd_jax.pipeline`: collection recipe, evaluation, data source."""
+    # LoRA collection recipe (configs/collect/*.py); dataset and data_dir are set per dataset.
+    c.collect = collect
+    c.eval = ml_collections.ConfigDict()
+    # Split of the held-out dataset that is scored.
+    c.eval.split = "test"
+    # First N items only (None: all).
+    c.eval.limit = 200
+    # "ll": lm-eval style log-likelihood; "gen": the original DnD generation protocol.
+    c.eval.protocols = ("ll", "gen")
+    # Scoring batch size.
+    c.eval.batch_size = 16
+    c.pipeline = ml_collections.ConfigDict()
+    # The config file, for the report.
+    c.pipeline.config_name = config_name
+    # "dir": data.prompts_dir as it is; "bigbench": build it from the BIG-bench sdist on PyPI.
+    c.pipeline.source = "dir"
+    # BIG-bench tasks (source "bigbench"), test items per task, and a cap on training items.
+    c.pipeline.bigbench_tasks = ()
+    c.pipeline.test_size = 300
+    c.pipeline.max_train = ml_collections.FieldReference(None, field_type=int)
+    # Deviations from the paper, copied into the report.
+    c.pipeline.deviations = SMOLLM2_DEVIATIONS

@@ -152,7 +152,7 @@ def evaluate(base: str, data_dir, dataset: str, adapters: list[tuple[str, str, P
       base: base model name (dnd_jax/assets.py) or local directory.
       data_dir: data directory with dataset_info.json.
       dataset: dataset name; its "<dataset>_<split>" records need choices and answer.
-      adapters: (kind "training" | "generated", display name, PEFT dir).
+      adapters: (kind "training" | "generated" | "heldout", display name, PEFT dir).
       out: output directory (results.json, results.md, results.png), written atomically.
       limit: first N records only.
     """
@@ -234,9 +234,12 @@ def markdown_table(result: dict) -> str:
         return f"| {name} | " + " | ".join(vals) + " |\n"
 
     lines = [row("base", [f"{100 * result['rows'][0][p][m]:.1f}" for p, m in cols])]
-    for kind in ("training", "generated"):
+    for kind in ("heldout", "training", "generated"):
         group = [r for r in result["rows"] if r["kind"] == kind]
-        lines += [row(f"{kind}: {r['name']}", [f"{100 * r[p][m]:.1f}" for p, m in cols]) for r in group]
+        label = "held-out LoRA (reference, trained on the test task)" if kind == "heldout" else kind
+        lines += [row(f"{label}: {r['name']}", [f"{100 * r[p][m]:.1f}" for p, m in cols]) for r in group]
+        if kind == "heldout":
+            continue
         if group:
             sm = result["summary"][kind]
             fmt = (lambda v: f"**{100 * v['mean']:.1f}**") if kind == "training" else (
@@ -258,7 +261,7 @@ def plot(result: dict, path: Path) -> None:
         return
     cols = [c for c in _metrics(result["protocols"]) if c[1] != "format_failures"]
     groups = [("base", [result["rows"][0]])] + [
-        (k, [r for r in result["rows"] if r["kind"] == k]) for k in ("training", "generated")
+        (k, [r for r in result["rows"] if r["kind"] == k]) for k in ("heldout", "training", "generated")
     ]
     groups = [(k, g) for k, g in groups if g]
     fig, ax = plt.subplots(figsize=(2 + 1.8 * len(cols), 3.5))
@@ -285,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="test")
     ap.add_argument("--training", nargs="*", default=[], help="PEFT dirs of training LoRAs")
     ap.add_argument("--generated", nargs="*", default=[], help="PEFT dirs of generated adapters")
+    ap.add_argument("--heldout", nargs="*", default=[], help="PEFT dirs of LoRAs trained on the evaluated task itself")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--limit", type=int, default=None, help="score the first N items only")
     ap.add_argument("--protocols", default="ll,gen", help="comma-separated: ll (log-likelihood), gen (DnD)")
@@ -295,9 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     protocols = tuple(p for p in a.protocols.split(",") if p)
     if not protocols or set(protocols) - {"ll", "gen"}:
         raise DndError(f"--protocols {a.protocols!r}: expected a comma-separated subset of ll,gen")
-    adapters = [("training", _name(p), Path(p)) for p in a.training] + [
-        ("generated", _name(p), Path(p)) for p in a.generated
-    ]
+    adapters = [(kind, _name(p), Path(p)) for kind, ps in (("heldout", a.heldout), ("training", a.training),
+                                                            ("generated", a.generated)) for p in ps]  # fmt: skip
     r = evaluate(a.base, a.data, a.dataset, adapters, a.out, a.split, a.limit, protocols, a.batch_size, a.device,
                  a.overwrite)  # fmt: skip
     print(markdown_table(r))

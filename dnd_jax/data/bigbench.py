@@ -1,0 +1,135 @@
+"""BIG-bench multiple-choice tasks from the `bigbench==1.0.0` sdist on PyPI, in the project's dataset format.
+
+The sdist (358 MB, Apache-2.0) is fetched once from the package registry into the cache
+($DND_JAX_CACHE, default ~/.cache/dnd_jax), checked against its published sha256, and only the
+needed `benchmark_tasks/<task>/task.json` members are read. It is never pip-installed (it pulls
+TensorFlow). Each task becomes `<name>_train.json` / `<name>_test.json` (a seeded split: BIG-bench
+gives none) of records {"prompt", "response", "system", "choices", "answer"} like the common-sense
+suite, registered in `dataset_info.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from dnd_jax.assets import cache_dir
+from dnd_jax.errors import DndError
+from dnd_jax.fileio import atomic_dir
+
+SDIST = "bigbench-1.0.0.tar.gz"
+SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+INDEX = "https://pypi.org/simple/bigbench/"
+LETTERS = "ABCDEFGH"
+SYSTEM = ("You are going to answer the question of the user by picking one answer among the given choices. "
+          "Answer by a single [ans] (ans is the letter of the choice).")  # fmt: skip
+
+
+def _url() -> str:
+    req = urllib.request.Request(INDEX, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        files = json.loads(r.read())["files"]
+    for f in files:
+        if f["filename"] == SDIST:
+            return f["url"]
+    raise DndError(f"{INDEX}: {SDIST} not listed")
+
+
+def fetch_sdist() -> Path:
+    """The cached sdist, downloaded (and sha256-checked) on first use."""
+    path = cache_dir() / SDIST
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".part")
+    from tqdm import tqdm
+
+    try:
+        with urllib.request.urlopen(_url(), timeout=120) as r, part.open("wb") as f:
+            h = hashlib.sha256()
+            bar = tqdm(total=int(r.headers.get("Content-Length", 0)), unit="B", unit_scale=True, desc=SDIST,
+                       file=sys.stderr)  # fmt: skip
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                h.update(chunk)
+                bar.update(len(chunk))
+            bar.close()
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise DndError(f"cannot download {SDIST} from the package registry ({e})") from None
+    if h.hexdigest() != SHA256:
+        part.unlink(missing_ok=True)
+        raise DndError(f"{SDIST}: sha256 {h.hexdigest()} differs from the published {SHA256}")
+    part.rename(path)
+    return path
+
+
+def read_tasks(sdist: Path, tasks: list[str]) -> dict[str, dict]:
+    """{task: parsed task.json} for the named tasks (e.g. "social_iqa", "goal_step_wikihow/step_inference")."""
+    want = {f"bigbench/benchmark_tasks/{t}/task.json": t for t in tasks}
+    out = {}
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            for m in tar:
+                key = m.name.split("/", 1)[-1]
+                if key in want:
+                    out[want[key]] = json.loads(tar.extractfile(m).read())
+                    if len(out) == len(want):
+                        break
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DndError(f"{sdist}: unreadable archive ({e}); delete it to download again") from None
+    missing = sorted(set(tasks) - set(out))
+    if missing:
+        raise DndError(f"{sdist}: no BIG-bench task {', '.join(missing)}")
+    return out
+
+
+def to_records(task: dict, name: str, max_choices: int = 4) -> list[dict]:
+    """Examples with one correct option among 2..max_choices, as lettered multiple-choice records."""
+    recs = []
+    for ex in task.get("examples", []):
+        scores = ex.get("target_scores") or {}
+        opts = list(scores)
+        gold = [i for i, o in enumerate(opts) if scores[o] == 1]
+        if not 2 <= len(opts) <= max_choices or len(gold) != 1:
+            continue
+        lines = "\n".join(f"{LETTERS[i]}: {o.strip()}" for i, o in enumerate(opts))
+        recs.append({"prompt": f"{ex['input'].strip()}\n{lines}", "response": f"[{LETTERS[gold[0]]}]",
+                     "system": SYSTEM, "choices": [o.strip() for o in opts], "answer": gold[0]})  # fmt: skip
+    if not recs:
+        raise DndError(f"BIG-bench task {name}: no usable multiple-choice examples")
+    return recs
+
+
+def build(out_dir: str | Path, tasks: list[str], test_size: int, seed: int = 0, max_train: int | None = None) -> Path:
+    """Writes the tasks as a data directory (dataset_info.json + splits); skips when already built."""
+    out_dir = Path(out_dir)
+    marker = out_dir / "dataset_info.json"
+    if marker.is_file():
+        have = json.loads(marker.read_text())
+        if all(f"{_name(t)}_train" in have for t in tasks):
+            return out_dir
+    parsed = read_tasks(fetch_sdist(), tasks)
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        info = {}
+        cols = {"prompt": "prompt", "response": "response", "system": "system"}
+        for t in tasks:
+            recs = to_records(parsed[t], t)
+            order = np.random.default_rng([seed, len(recs)]).permutation(len(recs))
+            n_test = min(test_size, len(recs) // 3)
+            test, train = [recs[i] for i in order[:n_test]], [recs[i] for i in order[n_test:]][:max_train]
+            for split, part in (("train", train), ("test", test)):
+                (tmp / f"{_name(t)}_{split}.json").write_text(json.dumps(part, indent=1))
+                info[f"{_name(t)}_{split}"] = {"file_name": f"{_name(t)}_{split}.json", "columns": cols}
+        (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2))
+    return out_dir
+
+
+def _name(task: str) -> str:
+    return task.replace("/", "-")
