@@ -203,7 +203,7 @@ def write_report(c, workdir: Path, times: dict) -> Path:
                      f"base {pct(base[proto][metric])}, training LoRAs mean {pct(t['mean'])}, generated "
                      f"{pct(g['mean'])} ± {pct(g['std'])} (n={g['n']})"
                      + (f", held-out LoRA {pct(heldout[0][proto][metric])}" if heldout else "")
-                     + f"; generated {'beat' if g['mean'] > t['mean'] else 'do not beat'} the training-LoRA mean.")  # fmt: skip
+                     + f"; generated {'beat' if g['mean'] > t['mean'] else 'do not beat'} training.")  # fmt: skip
     lines.append(f"- Chance level (mean 1/#choices): {pct(n_choices)}. Items scored: {res['items']} "
                  f"of the {c.data.heldout_dataset} {c.eval.split} split.\n")  # fmt: skip
     lines.append("## Results\n")
