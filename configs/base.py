@@ -102,11 +102,12 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     c.train.progress = True
 
     c.mesh = ml_collections.ConfigDict()
-    # Device mesh: batch over both axes, parameters and optimizer state over fsdp; -1 = the rest.
-    c.mesh.shape = (-1, 1)
+    # Device mesh: batch over both axes, parameters and optimizer state over fsdp (ZeRO-3 style); -1 = the rest.
+    c.mesh.shape = (1, -1)
     c.mesh.axes = ("data", "fsdp")
     # (logical axis, mesh axis) rules in priority order (dnd_jax/sharding.py).
-    c.mesh.rules = (("tokens_out", "fsdp"), ("width_out", "fsdp"), ("tokens_in", "fsdp"), ("width_in", "fsdp"))
+    c.mesh.rules = (("tokens_out", "fsdp"), ("width_out", "fsdp"), ("height_out", "fsdp"), ("tokens_in", "fsdp"),
+                    ("width_in", "fsdp"), ("height_in", "fsdp"))  # fmt: skip
 
     c.generate = ml_collections.ConfigDict()
     # Adapters generated per run (the original: 10), each from its own prompt batch.
