@@ -168,6 +168,24 @@ def _heldout_curve(train_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["heldout/wmse"]) for r in rows if "heldout/wmse" in r]
 
 
+def mean_baseline_wmse(c) -> dict:
+    """Held-out weighted MSE of trivial predictors, to read the generator's against (from the token store)."""
+    import numpy as np
+
+    from dnd_jax.data.prepare import mean_criterion_weight, open_token_set
+
+    d = c.data
+    sets = [open_token_set(Path(d.token_dir) / n, d.real_length) for n in d.train_datasets]
+    held = np.asarray(open_token_set(Path(d.token_dir) / d.heldout_dataset, d.real_length).tokens, np.float64)
+    w = mean_criterion_weight(sets)[None, :, None, None]
+    means = {s.name: np.asarray(s.tokens, np.float64).mean(0) for s in sets}
+    per = {n: float(np.mean(w * (held - m) ** 2)) for n, m in means.items()}
+    best = min(per, key=per.get)
+    return {"zeros": float(np.mean(w * held**2)),
+            "mean of all training checkpoints": float(np.mean(w * (held - np.mean(list(means.values()), 0)) ** 2)),
+            f"mean checkpoint of the closest training dataset ({best}; an oracle choice)": per[best]}  # fmt: skip
+
+
 def write_report(c, workdir: Path, times: dict) -> Path:
     """WORKDIR/report.md from the run's own outputs."""
     from dnd_jax.fileio import atomic_file
@@ -246,6 +264,8 @@ def write_report(c, workdir: Path, times: dict) -> Path:
         lines.append("| step | " + " | ".join(str(st) for st, _ in curve) + " |")
         lines.append("|---|" + "---|" * len(curve))
         lines.append("| wMSE | " + " | ".join(f"{v:.4f}" for _, v in curve) + " |")
+        lines.append("\nThe same measure for fixed predictions of the held-out checkpoints' tokens:\n")
+        lines += [f"- {k}: {v:.4f}" for k, v in mean_baseline_wmse(c).items()]
     lines.append("\n## Deviations from the paper\n")
     lines += [f"- {x}" for x in c.pipeline.deviations]
     lines.append("\n## Wall time per stage (seconds; a stage skipped on resume keeps its earlier time)\n")
