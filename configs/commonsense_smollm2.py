@@ -31,7 +31,7 @@ def get_config(arg=None):
     c.train.eval_batches = 4
     c.train.checkpoint_every = 100
     c.generate.num_adapters = 5
-    c.eval.limit = 300
+    c.eval.limit = 150
     if arg == "smoke":
         c.train.steps = 20
         c.eval.limit = 16
