@@ -209,7 +209,7 @@ def write_report(c, workdir: Path, times: dict) -> Path:
         return f"{100 * v:.1f}"
 
     lines = [f"# DnD leave-one-out: {c.data.heldout_dataset} held out\n",
-             f"Produced by `python -m dnd_jax.pipeline --config {c.pipeline.config_name} --workdir {workdir.name}` "
+             f"Produced by `python -m dnd_jax.pipeline --config {c.pipeline.config_name} --workdir runs/{workdir.name}` "
              f"on {platform.node()} ({platform.machine()}, {_devices()}); {versions()}.\n"]  # fmt: skip
     lines.append("## Headline (measured)\n")
     for proto, metric in (("ll", "acc_norm"), ("ll", "acc"), ("gen", "acc")):
@@ -222,8 +222,11 @@ def write_report(c, workdir: Path, times: dict) -> Path:
                      f"{pct(g['mean'])} ± {pct(g['std'])} (n={g['n']})"
                      + (f", held-out LoRA {pct(heldout[0][proto][metric])}" if heldout else "")
                      + f"; generated {'beat' if g['mean'] > t['mean'] else 'do not beat'} training.")  # fmt: skip
+    se = (0.25 / res["items"]) ** 0.5
     lines.append(f"- Chance level (mean 1/#choices): {pct(n_choices)}. Items scored: {res['items']} "
-                 f"of the {c.data.heldout_dataset} {c.eval.split} split.\n")  # fmt: skip
+                 f"of the {c.data.heldout_dataset} {c.eval.split} split: one item is {100 / res['items']:.2f} "
+                 f"points and the binomial standard error of one accuracy is up to {pct(se)} points, so "
+                 f"differences below ~{pct(2 * se)} points are within noise.\n")  # fmt: skip
     lines.append("## Results\n")
     lines.append(table)
     lines.append("\n![results](eval/results.png)\n")
