@@ -209,7 +209,8 @@ def write_report(c, workdir: Path, times: dict) -> Path:
         return f"{100 * v:.1f}"
 
     lines = [f"# DnD leave-one-out: {c.data.heldout_dataset} held out\n",
-             f"Produced by `python -m dnd_jax.pipeline --config {c.pipeline.config_name} --workdir runs/{workdir.name}` "
+             f"Produced by `python -m dnd_jax.pipeline --config {c.pipeline.config_name} "
+             f"--workdir runs/{workdir.name}` "
              f"on {platform.node()} ({platform.machine()}, {_devices()}); {versions()}.\n"]  # fmt: skip
     lines.append("## Headline (measured)\n")
     for proto, metric in (("ll", "acc_norm"), ("ll", "acc"), ("gen", "acc")):
