@@ -72,12 +72,11 @@ def loglikelihoods(model, tok, pairs: list[tuple[str, str]], batch_size: int, de
 
 
 def score_ll(model, tok, records, batch_size: int, device: str) -> dict:
-    pairs, owners = [], []
-    for i, r in enumerate(records):
+    pairs = []
+    for r in records:
         ctx = f"Question: {question_stem(r['prompt'])}\nAnswer:"
         for ch in r["choices"]:
             pairs.append((ctx, " " + str(ch)))
-            owners.append(i)
     ll = loglikelihoods(model, tok, pairs, batch_size, device)
     acc = acc_norm = 0
     k = 0

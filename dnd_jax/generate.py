@@ -38,7 +38,7 @@ def load_run(workdir: str | Path, step: int | None = None):
     """
     from dnd_jax.checkpointing import Checkpointer
     from dnd_jax.models.hyperconv import HyperConvDecoder
-    from dnd_jax.trainer import generator_config, make_optimizer
+    from dnd_jax.trainer import generator_config, make_init_state
 
     workdir = Path(workdir)
     cfg_path = workdir / "config.json"
@@ -46,25 +46,21 @@ def load_run(workdir: str | Path, step: int | None = None):
         raise DndError(f"{workdir}: not a training workdir (config.json missing)")
     config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
     ckpt_dir = workdir / "checkpoints"
-    steps = Checkpointer(ckpt_dir).all_steps() if ckpt_dir.is_dir() else []
-    if not steps:
+    if not ckpt_dir.is_dir():
         raise DndError(f"{workdir}: no generator checkpoint (train first: python -m dnd_jax.train)")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise DndError(f"{workdir}: no checkpoint at step {step} (have {sorted(steps)})")
-    gen = generator_config(config)
-    tx, _ = make_optimizer(config)
-
-    def init_state():
-        params = nnx.to_pure_dict(nnx.state(HyperConvDecoder(gen, nnx.Rngs(0)), nnx.Param))
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    abstract = jax.eval_shape(init_state)
     ck = Checkpointer(ckpt_dir)
     try:
+        steps = ck.all_steps()
+        if not steps:
+            raise DndError(f"{workdir}: no generator checkpoint (train first: python -m dnd_jax.train)")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise DndError(f"{workdir}: no checkpoint at step {step} (have {sorted(steps)})")
+        abstract = jax.eval_shape(make_init_state(config))
         state = ck.manager.restore(step, args=ocp.args.StandardRestore(abstract))
     finally:
         ck.close()
+    gen = generator_config(config)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: HyperConvDecoder(gen, nnx.Rngs(0))))
     return config, graphdef, state["params"], step
 

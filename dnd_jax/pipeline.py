@@ -198,7 +198,6 @@ def write_report(c, workdir: Path, times: dict) -> Path:
     s, rows = res["summary"], res["rows"]
     base = rows[0]
     heldout = [r for r in rows if r["kind"] == "heldout"]
-    n_choices = None
     from dnd_jax.data.prompts import load_split
 
     recs = load_split(c.data.prompts_dir, f"{c.data.heldout_dataset}_{c.eval.split}")[: c.eval.limit]

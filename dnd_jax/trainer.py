@@ -107,6 +107,18 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     return tx, schedule
 
 
+def make_init_state(config):
+    """The function that builds the training state {params, opt_state, step} (eval_shape it for shapes)."""
+    gen = generator_config(config)
+    tx, _ = make_optimizer(config)
+
+    def init_state():
+        params = nnx.to_pure_dict(nnx.state(HyperConvDecoder(gen, nnx.Rngs(params=config.seed)), nnx.Param))
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    return init_state
+
+
 def _encode(enc_graphdef, enc_state, ids_bnl, mask_bnl, key, mask_padding):
     encoder = nnx.merge(enc_graphdef, enc_state)
     cond = encoder(ids_bnl, mask_bnl, key=key, mask_padding=mask_padding)
@@ -257,11 +269,7 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
     specs = nnx.to_pure_dict(sharding.param_specs(abstract_params, mesh, rules))
     param_sh = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
     tx, schedule = make_optimizer(config)
-
-    def init_state():
-        params = nnx.to_pure_dict(nnx.state(HyperConvDecoder(gen, nnx.Rngs(params=config.seed)), nnx.Param))
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
+    init_state = make_init_state(config)
     abstract_state = jax.eval_shape(init_state)
     state_sh = {"params": param_sh, "opt_state": _tree_shardings(abstract_state["opt_state"], param_sh, rep),
                 "step": rep}  # fmt: skip

@@ -77,17 +77,13 @@ def _train_cmd(exp: Path, workdir: Path, steps: int) -> list[str]:
 
 
 def _final_params(workdir: Path, step: int):
-    ck = Checkpointer(workdir / "checkpoints")
-    try:
-        return _restore(ck, step)
-    finally:
-        ck.close()
-
-
-def _restore(ck, step):
     import orbax.checkpoint as ocp
 
-    return ck.manager.restore(step, args=ocp.args.StandardRestore())["params"]
+    ck = Checkpointer(workdir / "checkpoints")
+    try:
+        return ck.manager.restore(step, args=ocp.args.StandardRestore())["params"]
+    finally:
+        ck.close()
 
 
 def test_cli_killed_and_resumed_equals_uninterrupted(exp, tmp_path):
