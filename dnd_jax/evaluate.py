@@ -29,6 +29,7 @@ import numpy as np
 from dnd_jax.errors import DndError, run_cli
 
 _OPTION = re.compile(r"^[A-H]: ")
+PARSED_CHARS = 20  # the original parses the answer from the first 20 characters of a generation
 
 
 def question_stem(prompt: str) -> str:
@@ -45,29 +46,57 @@ def check_records(records: list[dict], where: str) -> None:
 
 
 def loglikelihoods(model, tok, pairs: list[tuple[str, str]], batch_size: int, device: str) -> list[float]:
-    """Summed log P(continuation | context) per (context, continuation), batched with right padding."""
+    """Summed log P(continuation | context) per (context, continuation).
+
+    Each distinct context runs once: `batch_size` contexts (sorted by length, left-padded) go
+    through the model with a KV cache, the cache is repeated once per continuation of each context,
+    and all continuations of the batch run in one more call (right-padded, positions continuing
+    after their own context). The first continuation token is scored from the context call's last
+    position. For multiple choice this reads each question once instead of once per option.
+    """
     import torch
 
-    enc = []
-    for ctx, cont in pairs:
-        c_ids = tok(ctx, add_special_tokens=False)["input_ids"]
-        x_ids = tok(cont, add_special_tokens=False)["input_ids"]
-        enc.append((c_ids, x_ids))
-    out = []
+    groups: dict[str, tuple[list[int], list[tuple[int, list[int]]]]] = {}
+    for k, (ctx, cont) in enumerate(pairs):
+        if ctx not in groups:
+            groups[ctx] = (tok(ctx, add_special_tokens=False)["input_ids"], [])
+        groups[ctx][1].append((k, tok(cont, add_special_tokens=False)["input_ids"]))
+    order = sorted(groups.values(), key=lambda g: len(g[0]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for i in range(0, len(enc), batch_size):
-        chunk = enc[i : i + batch_size]
-        seqs = [c + x for c, x in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    out = [0.0] * len(pairs)
+    for i in range(0, len(order), batch_size):
+        chunk = order[i : i + batch_size]
+        if any(not c or not x for c, conts in chunk for _, x in conts):
+            raise DndError("log-likelihood scoring needs a non-empty context and continuation")
+        width = max(len(c) for c, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
+        for j, (c, _) in enumerate(chunk):
+            ids[j, width - len(c) :], mask[j, width - len(c) :] = torch.tensor(c), 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        rows = [(j, k, x) for j, (_, conts) in enumerate(chunk) for k, x in conts]
+        sel = torch.tensor([j for j, _, _ in rows])
         with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
-        for j, (c, x) in enumerate(chunk):
-            pos = torch.arange(len(c) - 1, len(c) + len(x) - 1)
-            out.append(float(logp[j, pos, torch.tensor(x)].sum()))
+            res = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                        use_cache=True, logits_to_keep=1)  # fmt: skip
+            first = torch.log_softmax(res.logits[:, -1].float(), -1).cpu()[sel]
+            for r, (_, k, x) in enumerate(rows):
+                out[k] = float(first[r, x[0]])
+            rest = max(len(x) for _, _, x in rows) - 1
+            if rest == 0:
+                continue
+            feed = torch.full((len(rows), rest), pad, dtype=torch.long)
+            fmask = torch.zeros_like(feed)
+            for r, (_, _, x) in enumerate(rows):
+                feed[r, : len(x) - 1], fmask[r, : len(x) - 1] = torch.tensor(x[:-1]), 1
+            cache = res.past_key_values
+            cache.reorder_cache(sel.to(device))
+            fpos = mask.sum(-1)[sel, None] + torch.arange(rest)
+            logits = model(input_ids=feed.to(device), attention_mask=torch.cat([mask[sel], fmask], 1).to(device),
+                           position_ids=fpos.to(device), past_key_values=cache, use_cache=True).logits  # fmt: skip
+            logp = torch.log_softmax(logits.float(), -1).cpu()
+        for r, (_, k, x) in enumerate(rows):
+            out[k] += float(logp[r, torch.arange(len(x) - 1), torch.tensor(x[1:], dtype=torch.long)].sum())
     return out
 
 
@@ -92,7 +121,7 @@ def score_ll(model, tok, records, batch_size: int, device: str) -> dict:
 
 def parse_answer(text: str, boolean: bool) -> str | None:
     """The answer in the first 20 characters of a generation (spec §6.3), or None (format failure)."""
-    head = text[:20]
+    head = text[:PARSED_CHARS]
     if boolean:
         m = re.search(r"true|false", head, re.IGNORECASE)
         return m.group(0).capitalize() if m else None
@@ -108,25 +137,76 @@ def gold_answer(record: dict) -> str:
     return (m.group(1) if m else record["response"]).strip()
 
 
-def score_gen(model, tok, records, batch_size: int, device: str, max_new_tokens: int = 12) -> dict:
+def _EnoughText(tok, prompt_len: int, chars: int = PARSED_CHARS + 4):
+    """A stopping criterion: a row is done once its generation decodes to more characters than the
+    parser reads (+4 so that a token cut inside a multi-byte character cannot change them), so
+    stopping never changes a parsed answer; generation ends when every row is done or at EOS."""
     import torch
+    from transformers import StoppingCriteria
 
+    class EnoughText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tok.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
+            return torch.tensor([len(t) >= chars for t in texts], device=input_ids.device)
+
+    return EnoughText()
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(q) for q in seqs) - 1  # every row keeps at least one token to run
+    for i in range(max(n, 0)):
+        if any(q[i] != seqs[0][i] for q in seqs):
+            return i
+    return max(n, 0)
+
+
+def generate_batch(model, tok, seqs: list[list[int]], max_new_tokens: int, device: str) -> list[str]:
+    """Greedy generations for token-id prompts, decoded, stopped once the parser has enough text.
+
+    The prompts' longest common token prefix (the chat template and system prompt) runs once and its
+    KV cache is shared by every row; each row's own tokens follow it after padding that the
+    attention mask hides ([prefix][pad][own tokens]), with positions counted from the mask, so each
+    row is computed as if alone."""
+    import torch
+    from transformers import StoppingCriteriaList
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    p = _common_prefix(seqs)
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, q in enumerate(seqs):
+        ids[j, :p], mask[j, :p] = torch.tensor(q[:p]), 1
+        ids[j, width - len(q) + p :], mask[j, width - len(q) + p :] = torch.tensor(q[p:]), 1
+    kw = {}
+    if p > 0:
+        with torch.no_grad():
+            cache = model(input_ids=ids[:1, :p].to(device), use_cache=True, logits_to_keep=1).past_key_values
+        cache.reorder_cache(torch.zeros(len(seqs), dtype=torch.long, device=device))
+        kw["past_key_values"] = cache
+    stop = StoppingCriteriaList([_EnoughText(tok, width)])
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, stopping_criteria=stop, pad_token_id=pad, **kw)  # fmt: skip
+    return tok.batch_decode(gen[:, width:], skip_special_tokens=True)
+
+
+def score_gen(model, tok, records, batch_size: int, device: str, max_new_tokens: int = 12) -> dict:
     from dnd_jax.lm import chat_prompt_text
 
     boolean = all(gold_answer(r) in ("True", "False") for r in records)
-    tok.padding_side = "left"
+    texts = [chat_prompt_text(tok, r.get("system", ""), r["prompt"]) for r in records]
+    seqs = tok(texts, add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(records)), key=lambda i: len(seqs[i]))  # similar lengths share a batch: less padding
     correct = failures = 0
-    for i in range(0, len(records), batch_size):
-        chunk = records[i : i + batch_size]
-        texts = [chat_prompt_text(tok, r.get("system", ""), r["prompt"]) for r in chunk]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)  # fmt: skip
-        for r, g in zip(chunk, gen[:, enc["input_ids"].shape[1] :], strict=True):
-            pred = parse_answer(tok.decode(g, skip_special_tokens=True), boolean)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        for j, text in zip(
+            idx, generate_batch(model, tok, [seqs[j] for j in idx], max_new_tokens, device), strict=True
+        ):
+            pred = parse_answer(text, boolean)
             failures += pred is None
-            gold = gold_answer(r)
+            gold = gold_answer(records[j])
             correct += pred is not None and pred.lower() == gold.lower()
     return {"acc": correct / len(records), "format_failures": failures / len(records)}
 

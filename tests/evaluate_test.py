@@ -44,21 +44,48 @@ def write_fixed_answer_dataset(root: Path, n: int = 36) -> Path:
 
 
 def test_loglikelihoods_match_hf_loss_oracle():
-    """Batched, padded scoring equals an unpadded forward whose HF cross-entropy loss gives -log P."""
+    """Shared-context, cached, padded scoring equals an unpadded forward whose HF cross-entropy gives -log P.
+
+    Contexts of different lengths share batches (left padding), each has several continuations of
+    different lengths (one of a single token), and the batch size splits the contexts unevenly."""
     lm, tok, _ = load_base("smollm2-135m-instruct")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    pairs = [("Question: What color is the sky?\nAnswer:", " blue"), ("Question: 2 + 2 =\nAnswer:", " four"),
-             ("Question: Name a fruit.\nAnswer:", " a ripe yellow banana")]  # fmt: skip
-    got = evaluate.loglikelihoods(lm, tok, pairs, batch_size=3, device="cpu")
-    for (ctx, cont), g in zip(pairs, got, strict=True):
-        c = tok(ctx, add_special_tokens=False)["input_ids"]
-        x = tok(cont, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([c + x])
-        labels = torch.tensor([[-100] * len(c) + x])
+    sky, add = "Question: What color is the sky on a clear day?\nAnswer:", "Question: 2 + 2 =\nAnswer:"
+    fruit = "Question: Name a fruit.\nAnswer:"
+    pairs = [(sky, " blue"), (sky, " a deep shade of green"), (add, " four"), (fruit, " a ripe yellow banana"),
+             (add, " 4"), (sky, " red"), (fruit, " apple")]  # fmt: skip
+    for bs in (1, 2, 3):
+        got = evaluate.loglikelihoods(lm, tok, pairs, batch_size=bs, device="cpu")
+        for (ctx, cont), g in zip(pairs, got, strict=True):
+            c = tok(ctx, add_special_tokens=False)["input_ids"]
+            x = tok(cont, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([c + x])
+            labels = torch.tensor([[-100] * len(c) + x])
+            with torch.no_grad():
+                loss = lm(input_ids=ids, labels=labels).loss.item()  # mean NLL over the continuation
+            assert abs(g - (-loss * len(x))) < 1e-3, (bs, ctx, cont, g, -loss * len(x))
+
+
+def test_batched_generation_matches_one_prompt_at_a_time():
+    """Shared-prefix cache + padding + early stop give the parser the same text as an unbatched,
+    unpadded HF generate of each prompt alone (greedy)."""
+    from dnd_jax.lm import chat_prompt_text
+
+    lm, tok, _ = load_base("smollm2-135m-instruct")
+    questions = ["What is the capital of France?\nA: Paris\nB: Rome", "Pick a colour.\nA: red\nB: blue\nC: green",
+                 "Which animal barks and likes to chase a ball in the park every morning?\nA: cat\nB: dog",
+                 "2 + 2 =\nA: 4\nB: 5"]  # fmt: skip
+    seqs = [tok(chat_prompt_text(tok, SYSTEM, q), add_special_tokens=False)["input_ids"] for q in questions]
+    assert evaluate._common_prefix(seqs) > 10  # the chat template and system prompt are shared
+    got = evaluate.generate_batch(lm, tok, seqs, 12, "cpu")
+    for q, g in zip(seqs, got, strict=True):
         with torch.no_grad():
-            loss = lm(input_ids=ids, labels=labels).loss.item()  # mean NLL over the continuation
-        assert abs(g - (-loss * len(x))) < 1e-3
+            out = lm.generate(
+                input_ids=torch.tensor([q]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id
+            )
+        alone = tok.decode(out[0, len(q) :], skip_special_tokens=True)
+        assert g[: evaluate.PARSED_CHARS] == alone[: evaluate.PARSED_CHARS], (g, alone)
 
 
 def test_parse_answer_as_the_original():
