@@ -75,7 +75,7 @@ def main():
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     pairs = [
-        (f"Question: {evaluate.question_stem(r['prompt'])}\nAnswer:", " " + str(c))
+        (f"Question: {evaluate.question_stem(r['prompt'], r['choices'])}\nAnswer:", " " + str(c))
         for r in records
         for c in r["choices"]
     ]

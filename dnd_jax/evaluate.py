@@ -32,9 +32,19 @@ _OPTION = re.compile(r"^[A-H]: ")
 PARSED_CHARS = 20  # the original parses the answer from the first 20 characters of a generation
 
 
-def question_stem(prompt: str) -> str:
-    """The prompt without its option lines and answer instructions (the lm-eval context)."""
-    lines = [ln for ln in prompt.splitlines() if not _OPTION.match(ln) and not ln.startswith("Please answer")]
+def question_stem(prompt: str, choices=None) -> str:
+    """The prompt without its option lines and answer instructions (the lm-eval context).
+
+    An option line is "<letter>: <text>"; with `choices` given, only lines whose text is one of the
+    choices are removed, so dialogue lines such as "A: See you at five." (BIG-bench timedial) stay.
+    """
+    keep = {str(c).strip() for c in choices} if choices is not None else None
+
+    def is_option(ln: str) -> bool:
+        m = _OPTION.match(ln)
+        return bool(m) and (keep is None or ln[m.end() :].strip() in keep)
+
+    lines = [ln for ln in prompt.splitlines() if not is_option(ln) and not ln.startswith("Please answer")]
     return "\n".join(lines).strip()
 
 
@@ -103,7 +113,7 @@ def loglikelihoods(model, tok, pairs: list[tuple[str, str]], batch_size: int, de
 def score_ll(model, tok, records, batch_size: int, device: str) -> dict:
     pairs = []
     for r in records:
-        ctx = f"Question: {question_stem(r['prompt'])}\nAnswer:"
+        ctx = f"Question: {question_stem(r['prompt'], r['choices'])}\nAnswer:"
         for ch in r["choices"]:
             pairs.append((ctx, " " + str(ch)))
     ll = loglikelihoods(model, tok, pairs, batch_size, device)

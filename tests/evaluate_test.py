@@ -88,6 +88,15 @@ def test_batched_generation_matches_one_prompt_at_a_time():
         assert g[: evaluate.PARSED_CHARS] == alone[: evaluate.PARSED_CHARS], (g, alone)
 
 
+def test_question_stem_keeps_dialogue_lines():
+    prompt = ("A: Shall we meet later?\nB: Yes, in <MASK>.\nWhich fits the mask?\nA: ten minutes\nB: ten years\n"
+              "Please answer with the letter.")  # fmt: skip
+    assert evaluate.question_stem(prompt, ["ten minutes", "ten years"]) == (
+        "A: Shall we meet later?\nB: Yes, in <MASK>.\nWhich fits the mask?"
+    )
+    assert evaluate.question_stem("Sky colour?\nA: blue\nB: red") == "Sky colour?"
+
+
 def test_parse_answer_as_the_original():
     assert evaluate.parse_answer("[C] because", False) == "C"
     assert evaluate.parse_answer("B: some text", False) == "B"
