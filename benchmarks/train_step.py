@@ -1,9 +1,10 @@
 """Generator training-step speed: step time, samples/s and achieved FLOP/s, against PyTorch.
 
   PYTHONPATH=. python benchmarks/train_step.py [--configs smoke,mid[,full]] [--repeats 3] [--dtype float32]
+      [--conv-impl direct,auto]
 
 For each generator config: the jitted JAX step (weighted MSE, AdamW + clip, donated state, the
-encoder excluded: conditions are random) and the original's PyTorch math (benchmarks/
+encoder excluded: conditions are random), once per conv_impl, and the original's PyTorch math (benchmarks/
 torch_hyperconv.py, torch.optim.AdamW, same shapes) timed in the same run. FLOPs are counted
 from the layer shapes (3 x forward for forward + backward). `full` (1.1 B parameters, 8.26 TFLOP
 per sample forward) needs an accelerator.
@@ -40,8 +41,8 @@ def time_it(fn, repeats: int) -> float:
     return (time.perf_counter() - t) / repeats
 
 
-def jax_step_time(features, k, batch, dtype, repeats):
-    cfg = GeneratorConfig(features, k, compute_dtype=dtype)
+def jax_step_time(features, k, batch, dtype, repeats, conv_impl="auto"):
+    cfg = GeneratorConfig(features, k, compute_dtype=dtype, conv_impl=conv_impl)
     model = HyperConvDecoder(cfg, nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
@@ -98,20 +99,24 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", help="JAX compute dtype (bfloat16 on accelerators)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    ap.add_argument("--conv-impl", default="direct,auto",
+                    help="generator conv_impl values to time (auto = FFT convs where cheaper on CPU)")  # fmt: skip
     a = ap.parse_args()
     dev = jax.devices()[0]
     print(f"devices: {jax.device_count()} x {dev.device_kind}; torch threads {torch.get_num_threads()}")
     for name in a.configs.split(","):
         features, k, batch = CONFIGS[name]
-        jt, jf, n, flops = jax_step_time(features, k, batch, a.dtype, a.repeats)
-        line = (f"{name}: {n / 1e6:.2f} M params, batch {batch}, {flops / 1e9:.1f} GFLOP/sample fwd | JAX {a.dtype}: "
-                f"step {jt:.3f} s ({batch / jt:.2f} samples/s, {3 * flops * batch / jt / 1e12:.3f} TFLOP/s), "
-                f"forward {jf:.3f} s ({flops * batch / jf / 1e12:.3f} TFLOP/s)")  # fmt: skip
         if not a.no_torch and dev.platform == "cpu":
             tt, tf = torch_step_time(features, k, batch, a.repeats)
-            line += f" | PyTorch fp32: step {tt:.3f} s, forward {tf:.3f} s"
-            line += f" | JAX speed-up: step {tt / jt:.2f}x, forward {tf / jf:.2f}x"
-        print(line, flush=True)
+            print(f"{name}: PyTorch fp32 (the original's math): step {tt:.3f} s, forward {tf:.3f} s", flush=True)
+        for impl in a.conv_impl.split(","):
+            jt, jf, n, flops = jax_step_time(features, k, batch, a.dtype, a.repeats, impl)
+            line = (f"{name}: {n / 1e6:.2f} M params, batch {batch}, {flops / 1e9:.1f} GFLOP/sample fwd | JAX "
+                    f"{a.dtype} conv_impl={impl}: step {jt:.3f} s ({batch / jt:.2f} samples/s, "
+                    f"{3 * flops * batch / jt / 1e12:.3f} TFLOP/s direct-equivalent), forward {jf:.3f} s")  # fmt: skip
+            if not a.no_torch and dev.platform == "cpu":
+                line += f" | vs PyTorch: step {tt / jt:.2f}x, forward {tf / jf:.2f}x"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

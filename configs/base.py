@@ -70,6 +70,9 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     c.model.compute_dtype = "bfloat16"
     # Run the last layer (whose output holds the scale code) in float32.
     c.model.fp32_last_layer = True
+    # Conv algorithm: "auto" = FFT along one spatial axis on CPU where it is cheaper (float32 convs,
+    # k > 1, >= 48 channels), lax.conv on GPU/TPU; or "direct" / "fft" (dnd_jax/models/hyperconv.py).
+    c.model.conv_impl = "auto"
 
     c.train = ml_collections.ConfigDict()
     # Global batch (the code: 64 = 4 GPUs x 16).

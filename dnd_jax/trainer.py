@@ -49,7 +49,8 @@ class Data:
 def generator_config(config) -> GeneratorConfig:
     m = config.model
     return GeneratorConfig(features=tuple(tuple(f) for f in m.features), kernel_size=m.kernel_size,
-                           compute_dtype=m.compute_dtype, fp32_last_layer=m.fp32_last_layer)  # fmt: skip
+                           compute_dtype=m.compute_dtype, fp32_last_layer=m.fp32_last_layer,
+                           conv_impl=m.get("conv_impl", "direct"))  # fmt: skip
 
 
 def load_data(config) -> Data:

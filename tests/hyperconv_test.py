@@ -10,6 +10,7 @@ import torch
 from flax import nnx
 
 from benchmarks.torch_hyperconv import TorchHyperConvDecoder
+from dnd_jax.models import hyperconv
 from dnd_jax.models.hyperconv import GeneratorConfig, HyperConvDecoder, count_params
 
 PAPER_FEATURES = ((128, 384, 384), (128, 200, 300), (128, 100, 256), (256, 50, 200), (512, 50, 200),
@@ -27,6 +28,7 @@ def _state_dict(model):
 @pytest.mark.parametrize("features,k", [
     (((6, 12, 16), (8, 10, 12), (8, 10, 12), (20, 6, 10)), 3),  # includes a residual layer
     (((4, 9, 14), (5, 7, 8)), 5),
+    (((16, 32, 64), (8, 24, 48)), 9),  # ConvW1 and ConvW2 take the FFT path on CPU
 ])  # fmt: skip
 def test_forward_matches_pytorch_original(features, k):
     cfg = GeneratorConfig(features, k)
@@ -56,3 +58,49 @@ def test_bf16_compute_keeps_fp32_params_and_output():
     assert out.dtype == jnp.float32  # last layer in float32
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert model.layers[0](jnp.ones((1, 4, 8, 16))).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("spec", [hyperconv._CONV_W, hyperconv._CONV_H, hyperconv._CONV_L])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("shape,k", [((2, 5, 7, 6), 5), ((1, 3, 12, 4), 9)])  # a spatial axis shorter than k
+def test_fft_conv_equals_direct_conv_and_its_gradients(spec, axis, shape, k):
+    """Both ways of the FFT conv, for every dimension order the layer uses, against lax.conv."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), (k, k, shape[spec[1]], 3))
+    direct = lambda x, w: hyperconv.conv(x, w, spec, jnp.float32, "direct")  # noqa: E731
+    fft = lambda x, w: hyperconv.fft_conv(x, w, spec, axis)  # noqa: E731
+    want, got = direct(x, w), fft(x, w)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * float(jnp.abs(want).max()))
+    probe = jax.random.normal(jax.random.key(2), want.shape)
+    gw = jax.grad(lambda x, w: (direct(x, w) * probe).sum(), argnums=(0, 1))(x, w)
+    gf = jax.grad(lambda x, w: (fft(x, w) * probe).sum(), argnums=(0, 1))(x, w)
+    for a, b in zip(gf, gw, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_fft_plan_picks_fft_only_where_cheaper():
+    # mid-config layer 0 ConvW1: channels 384 -> 200 over (H 64, N 32): transform H (72-point FFT, 37
+    # bins x 32 rows) rather than N (40-point, 21 bins x 64 rows)
+    assert hyperconv.fft_plan((4, 32, 64, 384), (9, 9, 384, 200), hyperconv._CONV_W) == 0
+    assert hyperconv.fft_plan((4, 32, 64, 384), (3, 3, 384, 200), hyperconv._CONV_W) is None  # k = 3: direct
+    assert hyperconv.fft_plan((4, 32, 50, 200), (9, 9, 32, 32), hyperconv._CONV_L) is None  # thin: direct
+    with pytest.raises(ValueError, match="conv_impl"):
+        GeneratorConfig(((4, 8, 16), (6, 5, 10)), 3, conv_impl="winograd")
+
+
+def test_fft_and_direct_generators_train_alike():
+    """Loss and gradients of the whole generator agree between conv_impl='fft' and 'direct'."""
+    features, k = ((16, 32, 64), (8, 24, 48), (6, 10, 48)), 9
+    x = jax.random.normal(jax.random.key(0), (2, *features[0]))
+    grads = {}
+    for impl in ("fft", "direct"):
+        model = HyperConvDecoder(GeneratorConfig(features, k, conv_impl=impl), nnx.Rngs(0))
+        gd, params = nnx.split(model, nnx.Param)
+        loss = lambda p, gd=gd: (nnx.merge(gd, p)(x) ** 2).mean()  # noqa: E731
+        grads[impl] = jax.jit(jax.value_and_grad(loss))(params)
+    (lf, gf), (ld, gdir) = grads["fft"], grads["direct"]
+    np.testing.assert_allclose(lf, ld, rtol=1e-5)
+    scale = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(gdir))  # some biases have ~0 gradients
+    for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gdir), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)

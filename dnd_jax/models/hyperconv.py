@@ -24,6 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -45,25 +46,103 @@ class GeneratorConfig:
       kernel_size: k of every k x k conv.
       compute_dtype: "bfloat16" on accelerators, "float32" for exact CPU tests.
       fp32_last_layer: run the last layer in float32 (the scale code is decoded from its output).
+      conv_impl: "direct" (lax.conv), "fft" (FFT along one spatial axis wherever it is float32 and
+        cheaper, see `fft_plan`) or "auto" (fft on the CPU backend, direct on GPU/TPU, whose conv
+        libraries pick their own algorithms).
     """
 
     features: tuple[Shape3, ...]
     kernel_size: int = 9
     compute_dtype: str = "float32"
     fp32_last_layer: bool = True
+    conv_impl: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "features", tuple(tuple(int(v) for v in f) for f in self.features))
         if len(self.features) < 2 or any(len(f) != 3 for f in self.features):
             raise ValueError("features must list at least two (N, H, W) triples")
+        if self.conv_impl not in ("auto", "direct", "fft"):
+            raise ValueError(f"conv_impl must be 'auto', 'direct' or 'fft', got {self.conv_impl!r}")
         if self.kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd for 'same' padding, got {self.kernel_size}")
 
 
-def conv(x, kernel, spec, dtype):
+def conv(x, kernel, spec, dtype, impl: str = "direct"):
     """k x k 'same' conv of x along the axes named by spec (batch, channel, spatial0, spatial1)."""
+    if impl == "fft" and jnp.dtype(dtype) == jnp.float32:
+        plan = fft_plan(x.shape, kernel.shape, spec)
+        if plan is not None:
+            return fft_conv(x.astype(dtype), kernel.astype(dtype), spec, plan)
     dn = lax.ConvDimensionNumbers(lhs_spec=spec, rhs_spec=_KERNEL_SPEC, out_spec=spec)
     return lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "SAME", dimension_numbers=dn)
+
+
+def _fft_size(n: int) -> int:
+    """The smallest m >= n with no prime factor above 5 (fast FFT lengths)."""
+    m = n
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
+# FFT convs run at roughly half the FLOP rate of direct ones on CPU (complex GEMMs with a small
+# inner size, transforms, im2col copies); they are used only where they save more than that, and
+# not for thin convs, where the transforms dominate. Measured on 2 CPU cores: benchmarks/conv_bench.py.
+_FFT_MAX_COST_RATIO = 0.45
+_FFT_MIN_CHANNELS = 48
+
+
+def fft_plan(x_shape, k_shape, spec) -> int | None:
+    """Which spatial axis (0 or 1 of the spec) to transform, or None when the direct conv is cheaper.
+
+    Along the transformed axis of length S, taps become one complex multiply per frequency bin
+    (N = fast size >= S + k - 1, N // 2 + 1 bins); the other axis stays a k-tap correlation done
+    as one complex GEMM over (k taps x channels). Cost in real FLOPs: 8 * bins * B * S_other * k *
+    C * O against 2 * B * S0 * S1 * k^2 * C * O for the direct conv.
+    """
+    k, _, cin, cout = k_shape
+    if k == 1 or min(cin, cout) < _FFT_MIN_CHANNELS:
+        return None
+    b, s = x_shape[spec[0]], (x_shape[spec[2]], x_shape[spec[3]])
+    direct = 2 * b * s[0] * s[1] * k * k * cin * cout
+    costs = [8 * (_fft_size(s[a] + k - 1) // 2 + 1) * b * s[1 - a] * k * cin * cout for a in (0, 1)]
+    best = int(costs[1] < costs[0])
+    return best if costs[best] <= _FFT_MAX_COST_RATIO * direct else None
+
+
+def fft_conv(x, kernel, spec, axis: int):
+    """The same 'same'-padded k x k cross-correlation as `conv`, FFT along spatial `axis` of spec.
+
+    x is brought to [B, Sd, Sf, C] (Sd direct axis, Sf transformed axis); rfft along Sf (zero-padded
+    to N >= Sf + k - 1, so the circular product is the linear one); the kernel's k taps along Sf
+    are transformed by a (k, bins) DFT matrix, flipped, since correlation = convolution with the
+    reversed kernel; per bin, Sd is correlated with its k taps as a single complex GEMM over
+    (taps, channels); irfft; the 'same' window is sliced out. float32 / complex64 throughout.
+    """
+    k = kernel.shape[0]
+    p = k // 2
+    bd, cd, s0, s1 = spec
+    order = (bd, s0, s1, cd) if axis == 1 else (bd, s1, s0, cd)
+    xt = jnp.transpose(x, order).astype(jnp.float32)
+    w = kernel if axis == 1 else jnp.transpose(kernel, (1, 0, 2, 3))  # [direct tap, fft tap, C, O]
+    b, sd, sf, c = xt.shape
+    n = _fft_size(sf + k - 1)
+    f = n // 2 + 1
+    ang = -2 * np.pi * np.outer(np.arange(k)[::-1], np.arange(f)) / n  # tap j sits at k-1-j when flipped
+    dft = jnp.asarray(np.cos(ang) + 1j * np.sin(ang), jnp.complex64)  # (k, bins)
+    wf = jnp.einsum("ijco,jy->yico", w.astype(jnp.float32), dft)  # [bins, direct tap, C, O]
+    xf = jnp.fft.rfft(xt, n=n, axis=2)  # [B, Sd, bins, C]
+    xf = jnp.pad(xf, ((0, 0), (p, p), (0, 0), (0, 0))).transpose(2, 1, 0, 3)  # [bins, Sd + 2p, B, C]
+    cols = jnp.stack([xf[:, i : i + sd] for i in range(k)], axis=3)  # [bins, Sd, B, k, C]
+    yf = jnp.einsum("ymk,yko->ymo", cols.reshape(f, sd * b, k * c), wf.reshape(f, k * c, -1))
+    yf = yf.reshape(f, sd, b, -1).transpose(2, 1, 0, 3)  # [B, Sd, bins, O]
+    y = jnp.fft.irfft(yf, n=n, axis=2)[:, :, k - 1 - p : k - 1 - p + sf]  # [B, Sd, Sf, O]
+    return jnp.transpose(y, np.argsort(order))
 
 
 def _uniform(key, shape, bound):
@@ -73,9 +152,10 @@ def _uniform(key, shape, bound):
 class HyperConvLayer(nnx.Module):
     """(B, N, H, W) -> (B, N', H', W')."""
 
-    def __init__(self, fin: Shape3, fout: Shape3, kernel_size: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, fin: Shape3, fout: Shape3, kernel_size: int, dtype, rngs: nnx.Rngs, conv_impl: str = "direct"):
         (n, h, w), (n2, h2, w2), k = fin, fout, kernel_size
         self.dtype = dtype
+        self.conv_impl = conv_impl
 
         def kernel(cin, cout, axes):
             return nnx.Param(_uniform(rngs.params(), (k, k, cin, cout), 1 / math.sqrt(cin * k * k)),
@@ -95,14 +175,17 @@ class HyperConvLayer(nnx.Module):
 
     def __call__(self, x_bnhw):
         dt = self.dtype
+        impl = self.conv_impl
+        if impl == "auto":
+            impl = "fft" if jax.default_backend() == "cpu" else "direct"
         x32 = x_bnhw.astype(jnp.float32)
         mean = x32.mean(axis=(2, 3), keepdims=True)
         var = ((x32 - mean) ** 2).mean(axis=(2, 3), keepdims=True)
         xn = (x32 - mean) * lax.rsqrt(var + 1e-5) * self.norm_scale[...] + self.norm_bias[...]
-        p1 = conv(conv(xn, self.conv_w1[...], _CONV_W, dt), self.conv_h1[...], _CONV_H, dt)
-        p2 = jnp.tanh(conv(conv(xn, self.conv_h2[...], _CONV_H, dt), self.conv_w2[...], _CONV_W, dt))
+        p1 = conv(conv(xn, self.conv_w1[...], _CONV_W, dt, impl), self.conv_h1[...], _CONV_H, dt, impl)
+        p2 = jnp.tanh(conv(conv(xn, self.conv_h2[...], _CONV_H, dt, impl), self.conv_w2[...], _CONV_W, dt, impl))
         y = (p1 + p2 + self.fuse_bias[...].astype(dt)) / 3
-        y = conv(y, self.conv_l[...], _CONV_L, dt) + self.conv_l_bias[...].astype(dt)[None, :, None, None]
+        y = conv(y, self.conv_l[...], _CONV_L, dt, impl) + self.conv_l_bias[...].astype(dt)[None, :, None, None]
         return x_bnhw.astype(dt) + y if self.residual else y
 
 
@@ -114,7 +197,8 @@ class HyperConvDecoder(nnx.Module):
         dt = jnp.dtype(cfg.compute_dtype)
         last = len(cfg.features) - 2
         self.layers = nnx.List([
-            HyperConvLayer(fin, fout, cfg.kernel_size, jnp.float32 if (i == last and cfg.fp32_last_layer) else dt, rngs)
+            HyperConvLayer(fin, fout, cfg.kernel_size, jnp.float32 if (i == last and cfg.fp32_last_layer) else dt, rngs,
+                           cfg.conv_impl)
             for i, (fin, fout) in enumerate(zip(cfg.features[:-1], cfg.features[1:], strict=True))
         ])  # fmt: skip
 
