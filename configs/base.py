@@ -71,7 +71,7 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     # Run the last layer (whose output holds the scale code) in float32.
     c.model.fp32_last_layer = True
     # Conv algorithm: "auto" = FFT along one spatial axis on CPU where it is cheaper (float32 convs,
-    # k > 1, >= 48 channels), lax.conv on GPU/TPU; or "direct" / "fft" (dnd_jax/models/hyperconv.py).
+    # k > 1, >= 24 channels), lax.conv on GPU/TPU; or "direct" / "fft" (dnd_jax/models/hyperconv.py).
     c.model.conv_impl = "auto"
 
     c.train = ml_collections.ConfigDict()

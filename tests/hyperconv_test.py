@@ -84,7 +84,7 @@ def test_fft_plan_picks_fft_only_where_cheaper():
     # bins x 32 rows) rather than N (40-point, 21 bins x 64 rows)
     assert hyperconv.fft_plan((4, 32, 64, 384), (9, 9, 384, 200), hyperconv._CONV_W) == 0
     assert hyperconv.fft_plan((4, 32, 64, 384), (3, 3, 384, 200), hyperconv._CONV_W) is None  # k = 3: direct
-    assert hyperconv.fft_plan((4, 32, 50, 200), (9, 9, 32, 32), hyperconv._CONV_L) is None  # thin: direct
+    assert hyperconv.fft_plan((4, 16, 50, 200), (9, 9, 16, 16), hyperconv._CONV_L) is None  # thin: direct
     with pytest.raises(ValueError, match="conv_impl"):
         GeneratorConfig(((4, 8, 16), (6, 5, 10)), 3, conv_impl="winograd")
 

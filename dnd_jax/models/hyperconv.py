@@ -48,7 +48,7 @@ class GeneratorConfig:
       fp32_last_layer: run the last layer in float32 (the scale code is decoded from its output).
       conv_impl: "direct" (lax.conv), "fft" (FFT along one spatial axis wherever it is float32 and
         cheaper, see `fft_plan`) or "auto" (fft on the CPU backend, direct on GPU/TPU, whose conv
-        libraries pick their own algorithms).
+        libraries pick their own algorithms). Under a multi-device mesh, convs are always direct.
     """
 
     features: tuple[Shape3, ...]
@@ -92,9 +92,10 @@ def _fft_size(n: int) -> int:
 
 # FFT convs run at roughly half the FLOP rate of direct ones on CPU (complex GEMMs with a small
 # inner size, transforms, im2col copies); they are used only where they save more than that, and
-# not for thin convs, where the transforms dominate. Measured on 2 CPU cores: benchmarks/conv_bench.py.
+# not for thin convs, where the transforms dominate. Thresholds tuned on 2 CPU cores with
+# `benchmarks/train_step.py --configs mid` (ratio 0.35-0.5 within noise; 16 channels was slower).
 _FFT_MAX_COST_RATIO = 0.45
-_FFT_MIN_CHANNELS = 48
+_FFT_MIN_CHANNELS = 24
 
 
 def fft_plan(x_shape, k_shape, spec) -> int | None:
@@ -123,6 +124,11 @@ def fft_conv(x, kernel, spec, axis: int):
     are transformed by a (k, bins) DFT matrix, flipped, since correlation = convolution with the
     reversed kernel; per bin, Sd is correlated with its k taps as a single complex GEMM over
     (taps, channels); irfft; the 'same' window is sliced out. float32 / complex64 throughout.
+
+    Single-device only: under a multi-device mesh the layers use the direct conv. In a 4 x 2-mesh
+    test, XLA's SPMD partitioner gave O(1) errors for this path in one sharding combination
+    (replicated activations, every kernel split on its output channels) while each piece alone,
+    and DFT-by-matmul instead of jnp.fft, partitioned the same way; not root-caused yet.
     """
     k = kernel.shape[0]
     p = k // 2
@@ -176,7 +182,10 @@ class HyperConvLayer(nnx.Module):
     def __call__(self, x_bnhw):
         dt = self.dtype
         impl = self.conv_impl
-        if impl == "auto":
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.size > 1:
+            impl = "direct"  # the FFT path is single-device only: see fft_conv
+        elif impl == "auto":
             impl = "fft" if jax.default_backend() == "cpu" else "direct"
         x32 = x_bnhw.astype(jnp.float32)
         mean = x32.mean(axis=(2, 3), keepdims=True)
