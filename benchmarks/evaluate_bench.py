@@ -22,6 +22,7 @@ import torch
 
 from dnd_jax import evaluate
 from dnd_jax.data.prompts import load_split
+from dnd_jax.errors import run_cli
 from dnd_jax.lm import chat_prompt_text, load_base
 
 
@@ -61,14 +62,14 @@ def timed(fn):
     return r, time.perf_counter() - t
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--data", required=True, help="data dir with dataset_info.json (e.g. runs/demo/data)")
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.manual_seed(0)
     records = load_split(a.data, f"{a.dataset}_test")[: a.limit]
     lm, tok, _ = load_base(a.base)
@@ -109,4 +110,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -70,14 +70,15 @@ def loglikelihoods(model, tok, pairs: list[tuple[str, str]], batch_size: int, de
     for k, (ctx, cont) in enumerate(pairs):
         if ctx not in groups:
             groups[ctx] = (tok(ctx, add_special_tokens=False)["input_ids"], [])
-        groups[ctx][1].append((k, tok(cont, add_special_tokens=False)["input_ids"]))
+        x = tok(cont, add_special_tokens=False)["input_ids"]
+        if not groups[ctx][0] or not x:
+            raise DndError(f"log-likelihood scoring needs a non-empty context and continuation: {ctx!r} + {cont!r}")
+        groups[ctx][1].append((k, x))
     order = sorted(groups.values(), key=lambda g: len(g[0]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = [0.0] * len(pairs)
     for i in range(0, len(order), batch_size):
         chunk = order[i : i + batch_size]
-        if any(not c or not x for c, conts in chunk for _, x in conts):
-            raise DndError("log-likelihood scoring needs a non-empty context and continuation")
         width = max(len(c) for c, _ in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
