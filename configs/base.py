@@ -46,6 +46,13 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     c.data.chunk = 128
     # Zero-pad feature sizes that chunk does not divide.
     c.data.pad = False
+    # Accept datasets collected from different LoRA inits (their A tokens then disagree; refused by default).
+    c.data.allow_mixed_init = False
+    # Optional .npy token tensor [T, R, K]: the generator learns tokens - offset (residual targets) and
+    # generation adds it back; "" = the original (absolute tokens).
+    c.data.target_offset = ""
+    # Tokens in the loss: "all" (the original) or "b" (B^T tokens only; A comes from target_offset).
+    c.data.loss_tokens = "all"
     # Prompts per sample (N).
     c.data.num_texts = 128
     # Prompt length in encoder tokens (L), padded and truncated.
@@ -73,6 +80,8 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     # Conv algorithm: "auto" = FFT along one spatial axis on CPU where it is cheaper (float32 convs,
     # k > 1, >= 24 channels), lax.conv on GPU/TPU; or "direct" / "fft" (dnd_jax/models/hyperconv.py).
     c.model.conv_impl = "auto"
+    # Start the last conv at zero (the generator's first output is 0; with data.target_offset, the offset).
+    c.model.zero_init_output = False
 
     c.train = ml_collections.ConfigDict()
     # Global batch (the code: 64 = 4 GPUs x 16).

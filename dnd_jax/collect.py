@@ -70,6 +70,19 @@ def learning_rate(config, step: int) -> float:
     return p1.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def init_hash(model) -> str:
+    """sha256 of the LoRA's initial A matrices (name order, float32 bytes): equal for two collections
+    exactly when they start from the same point. B starts at zero, so A is the whole init."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if "lora_A" in name:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int, device: str):
     import torch
 
@@ -85,6 +98,12 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int, device: str)
 def _write_manifest(ds_dir: Path, manifest: dict) -> None:
     with atomic_file(ds_dir / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=2)
+
+
+def _previous_seconds(manifest_path: Path) -> float:
+    if not manifest_path.is_file():
+        return 0.0
+    return float(json.loads(manifest_path.read_text()).get("seconds", 0.0))
 
 
 def _save_resume(ds_dir: Path, model, opt, step: int, cfg: dict) -> None:
@@ -147,21 +166,30 @@ def collect(config, out: str | Path) -> Path:
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
 
     device = pick_device(config.device)
-    torch.manual_seed(config.seed)
     model, tok, model_path = load_base(config.model, config.dtype, device)
+    # Seeded right before the LoRA layers are made, after anything that may consume the global RNG
+    # (building the base model, dequantizing it into the cache on first use): the initial A is a
+    # function of (seed, base model, LoRA config) only, shared by every dataset, as in the original
+    # (one LLaMA-Factory seed for all). `init_hash` in the manifest records it.
+    torch.manual_seed(config.seed)
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM",
                       base_model_name_or_path=str(model_path))  # fmt: skip
     model = get_peft_model(model, lora)
+    ihash = init_hash(model)
+    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("init_hash", ihash) != ihash:
+        raise DndError(f"{ds_dir}: LoRA init differs from the one this collection started with; delete it to restart")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.phase1.lr, weight_decay=config.phase1.weight_decay)
     start = _load_resume(ds_dir, model, opt, cfg)
     examples = [encode_sft_example(tok, r, config.cutoff_len) for r in records]
     manifest = {"dataset": config.dataset, "model": config.model, "base_model_path": str(model_path),
                 "phase1_steps": config.phase1.steps, "phase2_steps": config.phase2.steps, "config": cfg,
+                "init_hash": ihash, "seconds": _previous_seconds(manifest_path),
                 "steps": sorted(int(p.name[5:]) for p in ds_dir.glob("step-*") if int(p.name[5:]) <= start),
                 "complete": False}  # fmt: skip
     model.train()
+    t_start = time.perf_counter() - manifest["seconds"]
     bar = tqdm(total=total, initial=start, desc=f"collect {config.dataset}", unit="step", dynamic_ncols=True)
     for step in range(start, total):
         phase = config.phase1 if step < config.phase1.steps else config.phase2
@@ -173,7 +201,7 @@ def collect(config, out: str | Path) -> Path:
             ids, mask, labels = _collate([examples[i] for i in mb], tok.pad_token_id, device)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / phase.grad_accum
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += loss.detach().item()
         if not math.isfinite(loss_sum):
             raise DndError(f"{ds_dir}: non-finite loss at step {step + 1}")
         opt.step()
@@ -184,6 +212,7 @@ def collect(config, out: str | Path) -> Path:
                 model.save_pretrained(tmp)
                 (tmp / "README.md").unlink(missing_ok=True)
             manifest["steps"] = sorted(set(manifest["steps"]) | {done})
+        manifest["seconds"] = round(time.perf_counter() - t_start, 1)  # training wall time, over resumes
         if done > config.phase1.steps or done % PHASE1_SAVE_EVERY == 0 or done == config.phase1.steps:
             _save_resume(ds_dir, model, opt, done, cfg)
             _write_manifest(ds_dir, manifest)
@@ -196,6 +225,44 @@ def collect(config, out: str | Path) -> Path:
     return ds_dir
 
 
+def collect_tasks(config, datasets: list[str], out: str | Path, data_dir: str | None = None) -> list[Path]:
+    """Collects (or resumes) several datasets in turn with one recipe; a progress bar over tasks with ETA.
+
+    Args:
+      config: a collection ConfigDict; its `dataset` (and `data_dir`, if given) are replaced per task.
+      datasets: dataset names, each a `<name>_train` entry of the data directory.
+      out: output root; checkpoints go to <out>/<dataset>/.
+      data_dir: data directory of every dataset (default: config.data_dir).
+
+    Returns:
+      The datasets' checkpoint folders.
+    """
+    import copy
+
+    from tqdm import tqdm
+
+    def complete(name):
+        m = Path(out) / name / "manifest.json"
+        return m.is_file() and json.loads(m.read_text()).get("complete", False)
+
+    todo = [n for n in datasets if not complete(n)]
+    bar = tqdm(total=len(datasets), initial=len(datasets) - len(todo), desc="collect tasks", unit="task",
+               dynamic_ncols=True, position=1)  # fmt: skip
+    dirs = []
+    for name in datasets:
+        c = copy.deepcopy(config)
+        c.dataset = name  # existing fields: allowed on a locked ConfigDict
+        if data_dir is not None:
+            c.data_dir = str(data_dir)
+        was_done = complete(name)
+        dirs.append(collect(c, out))
+        if not was_done:
+            bar.set_postfix(last=name)
+            bar.update()
+    bar.close()
+    return dirs
+
+
 def main(argv: list[str] | None = None) -> int:
     from absl import flags
     from ml_collections import config_flags
@@ -203,9 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     config_flags.DEFINE_config_file("config", None, "collection config file (configs/collect/*.py:<dataset>)",
                                     lock_config=True)  # fmt: skip
     flags.DEFINE_string("out", None, "output root directory; checkpoints go to OUT/<dataset>/")
+    flags.DEFINE_list("datasets", None, "collect these datasets in turn (one recipe) instead of config.dataset")
     parse_or_exit(argv if argv is not None else sys.argv)
     if flags.FLAGS.config is None or flags.FLAGS.out is None:
         raise DndError("both --config and --out are required")
+    if flags.FLAGS.datasets:
+        for d in collect_tasks(flags.FLAGS.config, flags.FLAGS.datasets, flags.FLAGS.out):
+            print(f"checkpoints in {d}")
+        return 0
     ds_dir = collect(flags.FLAGS.config, flags.FLAGS.out)
     print(f"checkpoints in {ds_dir}")
     return 0

@@ -5,13 +5,16 @@
       --limit 200 --out runs/eval/arc_c
 
 The base model is loaded once; adapters are attached, scored and removed in turn (PEFT
-load_adapter / set_adapter / delete_adapter), never reloading the model. Two protocols:
-  ll   multiple-choice log-likelihood as lm-evaluation-harness computes it: context
+load_adapter / set_adapter / delete_adapter), never reloading the model. Protocols
+(dnd_jax/protocols/):
+  ll   multiple-choice log-likelihood with lm-evaluation-harness's generic template: context
        "Question: <stem>\\nAnswer:", one continuation " <choice>" per option; acc = argmax of the
-       summed log-probabilities, acc_norm = argmax of log-probability per character of the choice.
+       summed log-probabilities, acc_norm = argmax of log-probability / len(choice) (lm-eval's).
   gen  the original DnD protocol (spec §6.3): chat template + the dataset's system prompt, greedy
        decoding, the answer parsed from the first 20 characters; unparseable outputs are counted
        as format failures (and as wrong).
+  nll  the gold response's mean NLL per token in the chat format the LoRAs were trained on (lower
+       is better).
 Writes OUT/results.json, OUT/results.md (rows: base, each training LoRA, their mean, each generated
 adapter, their mean +- std) and OUT/results.png (bar chart).
 """
@@ -20,206 +23,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from dnd_jax.errors import DndError, run_cli
+from dnd_jax.protocols.gen import PARSED_CHARS, _common_prefix, generate_batch, gold_answer, parse_answer, score_gen
+from dnd_jax.protocols.ll import check_records, loglikelihoods, question_stem, score_ll
+from dnd_jax.protocols.nll import response_nll
 
-_OPTION = re.compile(r"^[A-H]: ")
-PARSED_CHARS = 20  # the original parses the answer from the first 20 characters of a generation
-
-
-def question_stem(prompt: str, choices=None) -> str:
-    """The prompt without its option lines and answer instructions (the lm-eval context).
-
-    An option line is "<letter>: <text>"; with `choices` given, only lines whose text is one of the
-    choices are removed, so dialogue lines such as "A: See you at five." (BIG-bench timedial) stay.
-    """
-    keep = {str(c).strip() for c in choices} if choices is not None else None
-
-    def is_option(ln: str) -> bool:
-        m = _OPTION.match(ln)
-        return bool(m) and (keep is None or ln[m.end() :].strip() in keep)
-
-    lines = [ln for ln in prompt.splitlines() if not is_option(ln) and not ln.startswith("Please answer")]
-    return "\n".join(lines).strip()
-
-
-def check_records(records: list[dict], where: str) -> None:
-    for i, r in enumerate(records):
-        ch, ans = r.get("choices"), r.get("answer")
-        if not isinstance(ch, list) or len(ch) < 2 or not isinstance(ans, int) or not 0 <= ans < len(ch):
-            raise DndError(f"{where}: record {i} needs 'choices' (a list of >= 2 answers) and an 'answer' index")
-
-
-def loglikelihoods(model, tok, pairs: list[tuple[str, str]], batch_size: int, device: str) -> list[float]:
-    """Summed log P(continuation | context) per (context, continuation).
-
-    Each distinct context runs once: `batch_size` contexts (sorted by length, left-padded) go
-    through the model with a KV cache, the cache is repeated once per continuation of each context,
-    and all continuations of the batch run in one more call (right-padded, positions continuing
-    after their own context). The first continuation token is scored from the context call's last
-    position. For multiple choice this reads each question once instead of once per option.
-    """
-    import torch
-
-    groups: dict[str, tuple[list[int], list[tuple[int, list[int]]]]] = {}
-    for k, (ctx, cont) in enumerate(pairs):
-        if ctx not in groups:
-            groups[ctx] = (tok(ctx, add_special_tokens=False)["input_ids"], [])
-        x = tok(cont, add_special_tokens=False)["input_ids"]
-        if not groups[ctx][0] or not x:
-            raise DndError(f"log-likelihood scoring needs a non-empty context and continuation: {ctx!r} + {cont!r}")
-        groups[ctx][1].append((k, x))
-    order = sorted(groups.values(), key=lambda g: len(g[0]))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    out = [0.0] * len(pairs)
-    for i in range(0, len(order), batch_size):
-        chunk = order[i : i + batch_size]
-        width = max(len(c) for c, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, (c, _) in enumerate(chunk):
-            ids[j, width - len(c) :], mask[j, width - len(c) :] = torch.tensor(c), 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        rows = [(j, k, x) for j, (_, conts) in enumerate(chunk) for k, x in conts]
-        sel = torch.tensor([j for j, _, _ in rows])
-        with torch.no_grad():
-            res = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                        use_cache=True, logits_to_keep=1)  # fmt: skip
-            first = torch.log_softmax(res.logits[:, -1].float(), -1).cpu()[sel]
-            for r, (_, k, x) in enumerate(rows):
-                out[k] = float(first[r, x[0]])
-            rest = max(len(x) for _, _, x in rows) - 1
-            if rest == 0:
-                continue
-            feed = torch.full((len(rows), rest), pad, dtype=torch.long)
-            fmask = torch.zeros_like(feed)
-            for r, (_, _, x) in enumerate(rows):
-                feed[r, : len(x) - 1], fmask[r, : len(x) - 1] = torch.tensor(x[:-1]), 1
-            cache = res.past_key_values
-            cache.reorder_cache(sel.to(device))
-            fpos = mask.sum(-1)[sel, None] + torch.arange(rest)
-            logits = model(input_ids=feed.to(device), attention_mask=torch.cat([mask[sel], fmask], 1).to(device),
-                           position_ids=fpos.to(device), past_key_values=cache, use_cache=True).logits  # fmt: skip
-            logp = torch.log_softmax(logits.float(), -1).cpu()
-        for r, (_, k, x) in enumerate(rows):
-            out[k] += float(logp[r, torch.arange(len(x) - 1), torch.tensor(x[1:], dtype=torch.long)].sum())
-    return out
-
-
-def score_ll(model, tok, records, batch_size: int, device: str) -> dict:
-    pairs = []
-    for r in records:
-        ctx = f"Question: {question_stem(r['prompt'], r['choices'])}\nAnswer:"
-        for ch in r["choices"]:
-            pairs.append((ctx, " " + str(ch)))
-    ll = loglikelihoods(model, tok, pairs, batch_size, device)
-    acc = acc_norm = 0
-    k = 0
-    for r in records:
-        n = len(r["choices"])
-        s = np.array(ll[k : k + n])
-        lens = np.array([len(" " + str(c)) for c in r["choices"]])
-        acc += int(np.argmax(s) == r["answer"])
-        acc_norm += int(np.argmax(s / lens) == r["answer"])
-        k += n
-    return {"acc": acc / len(records), "acc_norm": acc_norm / len(records)}
-
-
-def parse_answer(text: str, boolean: bool) -> str | None:
-    """The answer in the first 20 characters of a generation (spec §6.3), or None (format failure)."""
-    head = text[:PARSED_CHARS]
-    if boolean:
-        m = re.search(r"true|false", head, re.IGNORECASE)
-        return m.group(0).capitalize() if m else None
-    m = re.search(r"\[(.*?)\]", head)
-    cand = (m.group(1) if m else head.strip()[:1]).strip()[:1].upper()
-    if cand in "1234" and cand:
-        cand = "ABCD"["1234".index(cand)]
-    return cand if cand and cand in "ABCDEFGH" else None
-
-
-def gold_answer(record: dict) -> str:
-    m = re.search(r"\[(.*?)\]", record["response"])
-    return (m.group(1) if m else record["response"]).strip()
-
-
-def _EnoughText(tok, prompt_len: int, chars: int = PARSED_CHARS + 4):
-    """A stopping criterion: a row is done once its generation decodes to more characters than the
-    parser reads (+4 so that a token cut inside a multi-byte character cannot change them), so
-    stopping never changes a parsed answer; generation ends when every row is done or at EOS."""
-    import torch
-    from transformers import StoppingCriteria
-
-    class EnoughText(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            texts = tok.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
-            return torch.tensor([len(t) >= chars for t in texts], device=input_ids.device)
-
-    return EnoughText()
-
-
-def _common_prefix(seqs: list[list[int]]) -> int:
-    n = min(len(q) for q in seqs) - 1  # every row keeps at least one token to run
-    for i in range(max(n, 0)):
-        if any(q[i] != seqs[0][i] for q in seqs):
-            return i
-    return max(n, 0)
-
-
-def generate_batch(model, tok, seqs: list[list[int]], max_new_tokens: int, device: str) -> list[str]:
-    """Greedy generations for token-id prompts, decoded, stopped once the parser has enough text.
-
-    The prompts' longest common token prefix (the chat template and system prompt) runs once and its
-    KV cache is shared by every row; each row's own tokens follow it after padding that the
-    attention mask hides ([prefix][pad][own tokens]), with positions counted from the mask, so each
-    row is computed as if alone."""
-    import torch
-    from transformers import StoppingCriteriaList
-
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    p = _common_prefix(seqs)
-    width = max(len(q) for q in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for j, q in enumerate(seqs):
-        ids[j, :p], mask[j, :p] = torch.tensor(q[:p]), 1
-        ids[j, width - len(q) + p :], mask[j, width - len(q) + p :] = torch.tensor(q[p:]), 1
-    kw = {}
-    if p > 0:
-        with torch.no_grad():
-            cache = model(input_ids=ids[:1, :p].to(device), use_cache=True, logits_to_keep=1).past_key_values
-        cache.reorder_cache(torch.zeros(len(seqs), dtype=torch.long, device=device))
-        kw["past_key_values"] = cache
-    stop = StoppingCriteriaList([_EnoughText(tok, width)])
-    with torch.no_grad():
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, stopping_criteria=stop, pad_token_id=pad, **kw)  # fmt: skip
-    return tok.batch_decode(gen[:, width:], skip_special_tokens=True)
-
-
-def score_gen(model, tok, records, batch_size: int, device: str, max_new_tokens: int = 12) -> dict:
-    from dnd_jax.lm import chat_prompt_text
-
-    boolean = all(gold_answer(r) in ("True", "False") for r in records)
-    texts = [chat_prompt_text(tok, r.get("system", ""), r["prompt"]) for r in records]
-    seqs = tok(texts, add_special_tokens=False)["input_ids"]
-    order = sorted(range(len(records)), key=lambda i: len(seqs[i]))  # similar lengths share a batch: less padding
-    correct = failures = 0
-    for i in range(0, len(order), batch_size):
-        idx = order[i : i + batch_size]
-        for j, text in zip(
-            idx, generate_batch(model, tok, [seqs[j] for j in idx], max_new_tokens, device), strict=True
-        ):
-            pred = parse_answer(text, boolean)
-            failures += pred is None
-            gold = gold_answer(records[j])
-            correct += pred is not None and pred.lower() == gold.lower()
-    return {"acc": correct / len(records), "format_failures": failures / len(records)}
+__all__ = [
+    "PARSED_CHARS",
+    "_common_prefix",
+    "check_records",
+    "evaluate",
+    "generate_batch",
+    "gold_answer",
+    "loglikelihoods",
+    "parse_answer",
+    "question_stem",
+    "response_nll",
+    "score_gen",
+    "score_ll",
+]  # fmt: skip
+PROTOCOLS = ("ll", "gen", "nll")
+KINDS = ("heldout", "control", "retrieval", "training", "generated")
 
 
 def check_adapter(path: Path, base_dir: Path) -> None:
@@ -233,59 +62,100 @@ def check_adapter(path: Path, base_dir: Path) -> None:
     check_against_base(spec, base_dir / "config.json", where=str(path))
 
 
+class Scorer:
+    """The base model loaded once; PEFT adapters attached, scored and removed in turn (never reloading).
+
+    Args:
+      base: base model name (dnd_jax/assets.py) or local directory.
+      device: "auto", "cpu" or "cuda".
+      batch_size: scoring batch size.
+      cutoff_len: token cut-off of the nll protocol (the collection's).
+    """
+
+    def __init__(self, base: str, device: str = "auto", batch_size: int = 16, cutoff_len: int = 256):
+        from dnd_jax.lm import load_base, pick_device
+
+        self.device = pick_device(device)
+        self.lm, self.tok, self.base_dir = load_base(base, "float32", self.device)
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.batch_size, self.cutoff_len = batch_size, cutoff_len
+        self.model, self._loaded, self._loaded_path, self._count = None, None, None, 0
+
+    def check(self, path: Path) -> None:
+        check_adapter(Path(path), Path(self.base_dir))
+
+    def score(self, path: Path | None, records: list[dict], protocols) -> dict:
+        """{protocol: metrics} of the adapter at `path` (None: the base model) on `records`."""
+        import contextlib
+
+        from peft import PeftModel
+
+        if path is None:
+            model = self.model if self.model is not None else self.lm
+            ctx = self.model.disable_adapter() if self.model is not None else contextlib.nullcontext()
+        elif self._loaded is not None and self._loaded_path == Path(path):
+            model, ctx = self.model, contextlib.nullcontext()
+        else:
+            name = f"a{self._count}"
+            self._count += 1
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(self.lm, str(path), adapter_name=name, is_trainable=False)
+            else:
+                self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            self.model.set_adapter(name)
+            if self._loaded is not None:
+                self.model.delete_adapter(self._loaded)
+            self._loaded, self._loaded_path, model, ctx = name, Path(path), self.model, contextlib.nullcontext()
+        model.eval()
+        res = {}
+        with ctx:
+            if "ll" in protocols:
+                res["ll"] = score_ll(model, self.tok, records, self.batch_size, self.device)
+            if "gen" in protocols:
+                res["gen"] = score_gen(model, self.tok, records, self.batch_size, self.device)
+            if "nll" in protocols:
+                res["nll"] = response_nll(model, self.tok, records, self.batch_size, self.device, self.cutoff_len)
+        return res
+
+
 def evaluate(base: str, data_dir, dataset: str, adapters: list[tuple[str, str, Path]], out, split: str = "test",
              limit: int | None = None, protocols=("ll", "gen"), batch_size: int = 16, device: str = "auto",
-             overwrite: bool = False) -> dict:  # fmt: skip
+             overwrite: bool = False, cutoff_len: int = 256) -> dict:  # fmt: skip
     """Scores the base model and each (kind, name, path) adapter; writes results into `out`.
 
     Args:
       base: base model name (dnd_jax/assets.py) or local directory.
       data_dir: data directory with dataset_info.json.
       dataset: dataset name; its "<dataset>_<split>" records need choices and answer.
-      adapters: (kind "training" | "generated" | "heldout", display name, PEFT dir).
+      adapters: (kind, one of KINDS, display name, PEFT dir).
       out: output directory (results.json, results.md, results.png), written atomically.
       limit: first N records only.
+      protocols: a subset of PROTOCOLS.
+      cutoff_len: token cut-off of the nll protocol (the collection's).
     """
-    from peft import PeftModel
     from tqdm import tqdm
 
     from dnd_jax.data.prompts import load_split
     from dnd_jax.fileio import atomic_dir
-    from dnd_jax.lm import load_base, pick_device
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise DndError(f"{out}: output already exists (pass --overwrite to replace it)")
+    if not protocols or set(protocols) - set(PROTOCOLS):
+        raise DndError(f"protocols {list(protocols)}: expected a non-empty subset of {', '.join(PROTOCOLS)}")
     records = load_split(data_dir, f"{dataset}_{split}")[:limit]
-    check_records(records, f"{data_dir}/{dataset}_{split}")
-    device = pick_device(device)
-    lm, tok, base_dir = load_base(base, "float32", device)
-    for _, _, p in adapters:  # all checked before any scoring starts
-        check_adapter(Path(p), Path(base_dir))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-
-    def run(model) -> dict:
-        res = {}
-        if "ll" in protocols:
-            res["ll"] = score_ll(model, tok, records, batch_size, device)
-        if "gen" in protocols:
-            res["gen"] = score_gen(model, tok, records, batch_size, device)
-        return res
-
-    rows = [{"kind": "base", "name": "base", "path": str(base_dir), **run(lm)}]
-    model = None
-    for i, (kind, name, path) in enumerate(tqdm(adapters, desc="adapters", file=sys.stderr)):
-        an = f"a{i}"
-        if model is None:
-            model = PeftModel.from_pretrained(lm, str(path), adapter_name=an, is_trainable=False)
-        else:
-            model.load_adapter(str(path), adapter_name=an, is_trainable=False)
-        model.set_adapter(an)
-        model.eval()
-        rows.append({"kind": kind, "name": name, "path": str(path), **run(model)})
-        if len(adapters) > i + 1:
-            model.delete_adapter(an)
+    if {"ll", "gen"} & set(protocols):
+        check_records(records, f"{data_dir}/{dataset}_{split}")
+    scorer = Scorer(base, device, batch_size, cutoff_len)
+    for kind, _, p in adapters:  # all checked before any scoring starts
+        if kind not in KINDS:
+            raise DndError(f"adapter {p}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+        scorer.check(Path(p))
+    base_dir = scorer.base_dir
+    rows = [{"kind": "base", "name": "base", "path": str(base_dir), **scorer.score(None, records, protocols)}]
+    for kind, name, path in tqdm(adapters, desc="adapters", file=sys.stderr):
+        rows.append({"kind": kind, "name": name, "path": str(path), **scorer.score(Path(path), records, protocols)})
     result = {"base_model": str(base_dir), "dataset": dataset, "split": split, "items": len(records),
               "protocols": list(protocols), "rows": rows, "summary": summarize(rows, protocols)}  # fmt: skip
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -301,7 +171,14 @@ def _metrics(protocols) -> list[tuple[str, str]]:
         out += [("ll", "acc"), ("ll", "acc_norm")]
     if "gen" in protocols:
         out += [("gen", "acc"), ("gen", "format_failures")]
+    if "nll" in protocols:
+        out += [("nll", "nll")]
     return out
+
+
+def fmt_metric(p: str, v: float) -> str:
+    """Accuracies in %, the nll protocol as nats per token."""
+    return f"{v:.3f}" if p == "nll" else f"{100 * v:.1f}"
 
 
 def summarize(rows: list[dict], protocols) -> dict:
@@ -323,20 +200,31 @@ def markdown_table(result: dict) -> str:
     def row(name, vals):
         return f"| {name} | " + " | ".join(vals) + " |\n"
 
-    lines = [row("base", [f"{100 * result['rows'][0][p][m]:.1f}" for p, m in cols])]
-    for kind in ("heldout", "training", "generated"):
+    labels = {
+        "heldout": "held-out LoRA (reference, trained on the test task)",
+        "control": "prompt-blind control (mean training tokens)",
+        "retrieval": "retrieval (nearest training task)",
+    }
+    lines = [row("base", [fmt_metric(p, result["rows"][0][p][m]) for p, m in cols])]
+    for kind in KINDS:
         group = [r for r in result["rows"] if r["kind"] == kind]
-        label = "held-out LoRA (reference, trained on the test task)" if kind == "heldout" else kind
-        lines += [row(f"{label}: {r['name']}", [f"{100 * r[p][m]:.1f}" for p, m in cols]) for r in group]
-        if kind == "heldout":
+        label = labels.get(kind, kind)
+        lines += [row(f"{label}: {r['name']}", [fmt_metric(p, r[p][m]) for p, m in cols]) for r in group]
+        if kind not in ("training", "generated") or not group:
             continue
-        if group:
-            sm = result["summary"][kind]
-            fmt = (lambda v: f"**{100 * v['mean']:.1f}**") if kind == "training" else (
-                lambda v: f"**{100 * v['mean']:.1f} ± {100 * v['std']:.1f}**")  # fmt: skip
-            lines.append(row(f"**{kind} ({len(group)}), mean" + (" ± std**" if kind == "generated" else "**"),
-                             [fmt(sm[f"{p}/{m}"]) for p, m in cols]))  # fmt: skip
-    title = f"{result['dataset']} ({result['split']}, {result['items']} items), accuracy in %\n\n"
+        sm = result["summary"][kind]
+        gen = kind == "generated"
+
+        def fmt(p, v, gen=gen):
+            return f"**{fmt_metric(p, v['mean'])}" + (f" ± {fmt_metric(p, v['std'])}**" if gen else "**")
+
+        lines.append(row(f"**{kind} ({len(group)}), mean" + (" ± std**" if gen else "**"),
+                         [fmt(p, sm[f"{p}/{m}"]) for p, m in cols]))  # fmt: skip
+    title = (
+        f"{result['dataset']} ({result['split']}, {result['items']} items); accuracy in %"
+        + (", nll in nats per response token (lower is better)" if "nll" in result["protocols"] else "")
+        + "\n\n"
+    )
     return title + head + "".join(lines)
 
 
@@ -349,10 +237,10 @@ def plot(result: dict, path: Path) -> None:
     except ImportError:
         print("warning: matplotlib is not installed; no results.png", file=sys.stderr)
         return
-    cols = [c for c in _metrics(result["protocols"]) if c[1] != "format_failures"]
-    groups = [("base", [result["rows"][0]])] + [
-        (k, [r for r in result["rows"] if r["kind"] == k]) for k in ("heldout", "training", "generated")
-    ]
+    cols = [c for c in _metrics(result["protocols"]) if c[1] not in ("format_failures", "nll")]
+    if not cols:
+        return
+    groups = [("base", [result["rows"][0]])] + [(k, [r for r in result["rows"] if r["kind"] == k]) for k in KINDS]
     groups = [(k, g) for k, g in groups if g]
     fig, ax = plt.subplots(figsize=(2 + 1.8 * len(cols), 3.5))
     w = 0.8 / len(groups)
@@ -379,20 +267,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--training", nargs="*", default=[], help="PEFT dirs of training LoRAs")
     ap.add_argument("--generated", nargs="*", default=[], help="PEFT dirs of generated adapters")
     ap.add_argument("--heldout", nargs="*", default=[], help="PEFT dirs of LoRAs trained on the evaluated task itself")
+    ap.add_argument("--control", nargs="*", default=[], help="PEFT dirs of prompt-blind control adapters")
+    ap.add_argument("--retrieval", nargs="*", default=[], help="PEFT dirs of retrieved training LoRAs")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--limit", type=int, default=None, help="score the first N items only")
-    ap.add_argument("--protocols", default="ll,gen", help="comma-separated: ll (log-likelihood), gen (DnD)")
+    ap.add_argument(
+        "--protocols",
+        default="ll,gen",
+        help="comma-separated: ll (log-likelihood), gen (DnD), nll (gold-response loss)",
+    )
+    ap.add_argument("--cutoff-len", type=int, default=256, help="token cut-off of the nll protocol (the collection's)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
     protocols = tuple(p for p in a.protocols.split(",") if p)
-    if not protocols or set(protocols) - {"ll", "gen"}:
-        raise DndError(f"--protocols {a.protocols!r}: expected a comma-separated subset of ll,gen")
-    adapters = [(kind, _name(p), Path(p)) for kind, ps in (("heldout", a.heldout), ("training", a.training),
-                                                            ("generated", a.generated)) for p in ps]  # fmt: skip
+    if not protocols or set(protocols) - set(PROTOCOLS):
+        raise DndError(f"--protocols {a.protocols!r}: expected a comma-separated subset of {','.join(PROTOCOLS)}")
+    adapters = [(kind, _name(p), Path(p)) for kind in KINDS for p in getattr(a, kind)]
     r = evaluate(a.base, a.data, a.dataset, adapters, a.out, a.split, a.limit, protocols, a.batch_size, a.device,
-                 a.overwrite)  # fmt: skip
+                 a.overwrite, a.cutoff_len)  # fmt: skip
     print(markdown_table(r))
     return 0
 

@@ -65,14 +65,25 @@ def load_run(workdir: str | Path, step: int | None = None):
     return config, graphdef, state["params"], step
 
 
-def make_generate_fn(config, graphdef, enc_graphdef, layout):
-    """The compiled prompts -> LoRA pytree call: ids [K, N, L], mask -> {path: {lora_a, lora_b}} [K, ...]."""
+def make_generate_fn(config, graphdef, enc_graphdef, layout, detokenize: bool = True):
+    """The compiled prompts -> LoRA pytree call: ids [K, N, L], mask -> {path: {lora_a, lora_b}} [K, ...].
 
-    def fn(params, enc_state, ids_knl, mask_knl):
+    With `data.target_offset` the generator's output is added to the offset tokens; with
+    `data.loss_tokens == "b"` the A tokens are the offset's (the generator was never trained on them).
+    The call takes the offset as its last argument (None without one). `detokenize=False` returns tokens.
+    """
+    from dnd_jax.trainer import b_token_mask
+
+    b_only = config.data.get("loss_tokens", "all") == "b"
+    keep_b = jnp.asarray(b_token_mask(layout))[:, None, None]
+
+    def fn(params, enc_state, ids_knl, mask_knl, offset_trk):
         encoder = nnx.merge(enc_graphdef, enc_state)
         cond = encoder(ids_knl, mask_knl, key=None, mask_padding=config.encoder.mask_padding)
-        tokens = nnx.merge(graphdef, params)(cond.astype(jnp.dtype(config.model.compute_dtype)))
-        return lora_tokens.detokenize(tokens.astype(jnp.float32), layout, xp=jnp)
+        tokens = nnx.merge(graphdef, params)(cond.astype(jnp.dtype(config.model.compute_dtype))).astype(jnp.float32)
+        if offset_trk is not None:
+            tokens = tokens * keep_b + offset_trk if b_only else tokens + offset_trk
+        return lora_tokens.detokenize(tokens, layout, xp=jnp) if detokenize else tokens
 
     return jax.jit(fn)
 
@@ -91,6 +102,7 @@ def generate(workdir, prompts_file, out, num_adapters: int | None = None, step: 
     from dnd_jax.data.prompts import load_prompts_file
     from dnd_jax.fileio import atomic_dir
     from dnd_jax.models.encoder import load_encoder, load_tokenizer
+    from dnd_jax.trainer import load_target_offset
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -109,7 +121,9 @@ def generate(workdir, prompts_file, out, num_adapters: int | None = None, step: 
     ids, masks = zip(*[pairs.prompt_batch(pool, config.data.num_texts, rng) for _ in range(k)], strict=True)
     enc_graphdef, enc_state = nnx.split(encoder)
     fn = make_generate_fn(config, graphdef, enc_graphdef, template.layout)
-    args = (params, enc_state, jnp.asarray(np.stack(ids)), jnp.asarray(np.stack(masks)))
+    offset = load_target_offset(config, template.layout.shape)
+    args = (params, enc_state, jnp.asarray(np.stack(ids)), jnp.asarray(np.stack(masks)),
+            None if offset is None else jnp.asarray(offset))  # fmt: skip
     t0 = time.perf_counter()
     lora = jax.block_until_ready(fn(*args))  # compile + warm-up
     compile_s = time.perf_counter() - t0

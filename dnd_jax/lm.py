@@ -84,3 +84,17 @@ def _infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[in
         max_target = int(cutoff_len * (target_len / (source_len + target_len)))
     new_target = min(max_target, target_len)
     return min(max(cutoff_len - new_target, 0), source_len), new_target
+
+
+def cache_name(model) -> str:
+    """The forward keyword of the KV cache: `cache` (transformers >= 5.24) or `past_key_values` (older)."""
+    import inspect
+
+    fwd = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+    return "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache of a forward's output, under either transformers naming."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

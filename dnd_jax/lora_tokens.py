@@ -9,7 +9,8 @@ R x K token whose 2-row / 2-column border carries the encoded scales
   mu' = 8 mu,  sigma' = ln(0.9 sigma + 0.1) + 1.6
 as the original's `with_scales_wrapper` writes them: the bottom two rows repeat
 [mu', sigma', mu', sigma', ...] across the width, then the right two columns hold [mu', sigma'] in
-every row. Decoding averages both border estimates.
+every row. Decoding averages both border estimates per border row, decodes each row's
+(mu', sigma') and averages the two decoded rows, as the original's `with_scales_wrapper.detokenize`.
 
 Token order: layers numerically, then modules in `module_order` (q, k, v, o, up, gate, down as the
 original: up before gate), other module names after in name order; per module the A chunks, then
@@ -148,9 +149,11 @@ def decode_scales(tokens, xp=np):
     nrows = tokens.shape[-2] - tokens.shape[-2] % 2
     right = tokens[..., :nrows, -2:]
     est_cols = right.reshape(*right.shape[:-2], -1, 2, 2).mean(axis=-3)  # [..., 2 rows, (mu', sigma')]
-    code = ((est_rows + est_cols) / 2).mean(axis=-2)  # [..., 2]
-    mu = code[..., 0] / MEAN_SCALE
-    sigma = (xp.exp(code[..., 1] - STD_BIAS) - 0.1) / 0.9
+    code = (est_rows + est_cols) / 2  # [..., 2 rows, (mu', sigma')]
+    # Decoded per border row, then averaged (the original's order): exp is not linear, so on generated
+    # tokens, whose two rows differ, averaging the codes first would give another sigma.
+    mu = (code[..., 0] / MEAN_SCALE).mean(axis=-1)
+    sigma = ((xp.exp(code[..., 1] - STD_BIAS) - 0.1) / 0.9).mean(axis=-1)
     return mu, sigma
 
 

@@ -146,7 +146,10 @@ def run_pipeline(config, workdir: str | Path) -> Path:
     def evaluate():
         from dnd_jax.evaluate import evaluate as run_eval
 
-        adapters = [("heldout", d.heldout_dataset, last_ckpt(d.heldout_dataset))]
+        control, (nearest, sim) = prompt_blind_baselines(c, workdir / "baselines")
+        adapters = [("heldout", d.heldout_dataset, last_ckpt(d.heldout_dataset)),
+                    ("control", "mean training tokens", control),
+                    ("retrieval", f"{nearest} (cosine {sim:.3f})", last_ckpt(nearest))]  # fmt: skip
         adapters += [("training", n, last_ckpt(n)) for n in d.train_datasets]
         adapters += [("generated", p.name, p) for p in sorted(gen_dir.glob("adapter-*"))]
         run_eval(c.collect.model, d.prompts_dir, d.heldout_dataset, adapters, eval_dir, c.eval.split, c.eval.limit,
@@ -158,6 +161,25 @@ def run_pipeline(config, workdir: str | Path) -> Path:
     print(f"[pipeline] this run took {time.perf_counter() - t_all:.1f} s", file=sys.stderr)
     report = write_report(c, workdir, stages.times)
     return report
+
+
+def prompt_blind_baselines(c, out: Path) -> tuple[Path, tuple[str, float]]:
+    """The two baselines every generated adapter is read against (dnd_jax.experiment has the details):
+    the prompt-blind control (the mean token tensor of all training checkpoints, detokenized, written to
+    out/control) and retrieval (the training dataset whose train prompts are nearest to the held-out test
+    prompts in the encoder's space).
+
+    Returns:
+      (control adapter dir, (nearest training dataset, cosine similarity)).
+    """
+    from dnd_jax.data.prepare import open_token_set
+    from dnd_jax.experiment import mean_tokens, prompt_embeddings, retrieve, save_tokens_adapter
+
+    d = c.data
+    layout = open_token_set(Path(d.token_dir) / d.train_datasets[0]).layout
+    save_tokens_adapter(mean_tokens(Path(d.token_dir), list(d.train_datasets), d.real_length), layout, out / "control")
+    emb = prompt_embeddings(c, [*d.train_datasets, d.heldout_dataset])
+    return out / "control", retrieve(emb, d.heldout_dataset, list(d.train_datasets))
 
 
 def _heldout_curve(train_dir: Path) -> list[tuple[int, float]]:
@@ -198,6 +220,8 @@ def write_report(c, workdir: Path, times: dict) -> Path:
     s, rows = res["summary"], res["rows"]
     base = rows[0]
     heldout = [r for r in rows if r["kind"] == "heldout"]
+    control = [r for r in rows if r["kind"] == "control"]
+    retrieval = [r for r in rows if r["kind"] == "retrieval"]
     from dnd_jax.data.prompts import load_split
 
     recs = load_split(c.data.prompts_dir, f"{c.data.heldout_dataset}_{c.eval.split}")[: c.eval.limit]
@@ -220,8 +244,12 @@ def write_report(c, workdir: Path, times: dict) -> Path:
         lines.append(f"- {'log-likelihood' if proto == 'll' else 'DnD generation protocol'} `{metric}`: "
                      f"base {pct(base[proto][metric])}, training LoRAs mean {pct(t['mean'])}, generated "
                      f"{pct(g['mean'])} ± {pct(g['std'])} (n={g['n']})"
+                     + (f", prompt-blind control {pct(control[0][proto][metric])}" if control else "")
+                     + (f", retrieval ({retrieval[0]['name']}) {pct(retrieval[0][proto][metric])}" if retrieval else "")
                      + (f", held-out LoRA {pct(heldout[0][proto][metric])}" if heldout else "")
-                     + f"; generated {'beat' if g['mean'] > t['mean'] else 'do not beat'} training.")  # fmt: skip
+                     + f"; generated {'beat' if g['mean'] > t['mean'] else 'do not beat'} training"
+                     + (f" and {'beat' if control and g['mean'] > control[0][proto][metric] else 'do not beat'} the "
+                        "control." if control else "."))  # fmt: skip
     se = (0.25 / res["items"]) ** 0.5
     lines.append(f"- Chance level (mean 1/#choices): {pct(n_choices)}. Items scored: {res['items']} "
                  f"of the {c.data.heldout_dataset} {c.eval.split} split: one item is {100 / res['items']:.2f} "
@@ -260,6 +288,10 @@ def write_report(c, workdir: Path, times: dict) -> Path:
                        "generation protocol (chat template + system prompt, greedy, answer parsed from the first "
                        "20 characters, format failures counted wrong); training LoRAs = the last collected "
                        "checkpoint of each training dataset"),
+        ("baselines", "prompt-blind control = the mean token tensor of all training checkpoints, detokenized (what a "
+                      "generator that ignores the prompts would output at best); retrieval = the last checkpoint of "
+                      "the training dataset whose train prompts are nearest (cosine of mean MiniLM embeddings) to the "
+                      "held-out test prompts"),
     ]  # fmt: skip
     lines += [f"- **{k}**: {v}" for k, v in settings]
     if curve:

@@ -44,19 +44,21 @@ class Data:
     heldout_pool: pairs.PromptPool
     encoder: object
     layout: object
+    offset: np.ndarray | None = None  # [T, R, K] targets are tokens - offset (data.target_offset)
 
 
 def generator_config(config) -> GeneratorConfig:
     m = config.model
     return GeneratorConfig(features=tuple(tuple(f) for f in m.features), kernel_size=m.kernel_size,
                            compute_dtype=m.compute_dtype, fp32_last_layer=m.fp32_last_layer,
-                           conv_impl=m.get("conv_impl", "direct"))  # fmt: skip
+                           conv_impl=m.get("conv_impl", "direct"),
+                           zero_init_output=m.get("zero_init_output", False))  # fmt: skip
 
 
 def load_data(config) -> Data:
     """Prepares (or reuses) the token store, loads prompts and the encoder, checks every shape."""
     from dnd_jax.assets import resolve_model
-    from dnd_jax.data.prepare import mean_criterion_weight, open_token_set, prepare_dataset
+    from dnd_jax.data.prepare import check_same_init, mean_criterion_weight, open_token_set, prepare_dataset
     from dnd_jax.data.prompts import load_split
     from dnd_jax.models.encoder import load_encoder, load_tokenizer
 
@@ -90,11 +92,46 @@ def load_data(config) -> Data:
         for name in [*names, d.heldout_dataset]
     }  # fmt: skip
     train_sets = [sets[nm] for nm in names]
-    sampler = pairs.PairSampler(train_sets, pools, d.num_texts, config.train.batch_size, config.seed)
+    check_same_init([*train_sets, sets[d.heldout_dataset]], d.get("allow_mixed_init", False))
+    offset = load_target_offset(config, tuple(gen.features[-1]))
+    sampler = pairs.PairSampler(train_sets, pools, d.num_texts, config.train.batch_size, config.seed, offset)
     if pools[d.heldout_dataset].input_ids.shape[0] < d.num_texts:
         raise DndError(f"{d.heldout_dataset}: fewer prompts than num_texts={d.num_texts}")
-    return Data(train_sets, sets[d.heldout_dataset], mean_criterion_weight(train_sets), sampler,
-                pools[d.heldout_dataset], encoder, train_sets[0].layout)  # fmt: skip
+    weight = mean_criterion_weight(train_sets)
+    if d.get("loss_tokens", "all") == "b":
+        weight = weight * b_token_mask(train_sets[0].layout)
+    return Data(train_sets, sets[d.heldout_dataset], weight, sampler, pools[d.heldout_dataset], encoder,
+                train_sets[0].layout, offset)  # fmt: skip
+
+
+def load_target_offset(config, shape: tuple) -> np.ndarray | None:
+    """config data.target_offset: an .npy token tensor the generator's targets are taken relative to
+    (targets = tokens - offset; generation adds it back), or "" for none (the original)."""
+    d = config.data
+    path, mode = d.get("target_offset", ""), d.get("loss_tokens", "all")
+    if mode not in ("all", "b"):
+        raise DndError(f"config field data.loss_tokens: {mode!r} (expected 'all' or 'b')")
+    if mode == "b" and not path:
+        raise DndError(
+            "config field data.loss_tokens='b' needs data.target_offset (its A tokens replace the untrained ones)"
+        )
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise DndError(f"{path}: no such file (config field data.target_offset)")
+    offset = np.load(path).astype(np.float32)
+    if tuple(offset.shape) != shape:
+        raise DndError(f"{path}: target offset shape {list(offset.shape)} differs from the tokens' {list(shape)}")
+    return offset
+
+
+def b_token_mask(layout) -> np.ndarray:
+    """[T] float32: 1 on B^T tokens, 0 on A tokens."""
+    mask = np.zeros(layout.num_tokens, np.float32)
+    for s in layout.segments:
+        if s.side == "b":
+            mask[s.start : s.start + s.count] = 1.0
+    return mask
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -229,6 +266,8 @@ def heldout_batches(data: Data, config) -> list[pairs.Batch]:
         idx = rng.integers(0, n, size=config.train.batch_size)
         ids, masks = zip(*[pairs.prompt_batch(data.heldout_pool, config.data.num_texts, rng) for _ in idx], strict=True)
         toks = np.stack([np.asarray(data.heldout.tokens[i], np.float32) for i in idx])
+        if data.offset is not None:
+            toks = toks - data.offset
         out.append(pairs.Batch(np.stack(ids), np.stack(masks), toks))
     return out
 

@@ -172,3 +172,49 @@ def test_bad_prompt_datasets_are_clear_errors(tmp_path):
 def test_smoke_config_is_small():
     c = commonsense_smollm2.get_config("ARC-c,smoke")
     assert c.phase1.steps + c.phase2.steps <= 6 and c.lora.r == 8
+
+
+def test_lora_init_is_shared_across_datasets_and_cache_states(tmp_path):
+    """A LoRA's start depends on (seed, base model, LoRA config) only: a collection that first has to build
+    the model cache (an empty DND_JAX_CACHE: the GGUF is dequantized through a randomly initialised
+    LlamaForCausalLM) and one on another dataset with a warm cache start from identical A matrices, equal
+    to a PEFT model seeded alike in this test. With learning rate 0 the checkpoints hold the init itself.
+    A collection with another seed is refused when tokenized together with them."""
+    from peft import LoraConfig, get_peft_model
+
+    data = write_dataset(tmp_path / "d", "toy")
+    write_dataset(tmp_path / "d2", "other")
+    lr0 = ["--config.phase1.lr=0", "--config.phase2.lr=0", "--config.phase1.steps=1", "--config.phase2.steps=1"]
+
+    def run(name, d, out, env, *extra):
+        cfg = REPO / f"configs/collect/commonsense_smollm2.py:{name},smoke"
+        cmd = [sys.executable, "-m", "dnd_jax.collect", "--config", str(cfg), f"--config.data_dir={d}", *lr0, *extra]
+        r = subprocess.run([*cmd, f"--out={out}"], capture_output=True, text=True, env=env, cwd=REPO)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return converters.flatten(converters.load_peft_adapter(out / name / "step-000002")[0])
+
+    cold = run("toy", data, tmp_path / "c", dict(_env(), DND_JAX_CACHE=str(tmp_path / "empty_cache")))
+    warm = run("other", tmp_path / "d2", tmp_path / "c", _env())
+    a_keys = [k for k in cold if k.endswith("lora_a")]
+    assert len(a_keys) == 7 * 30
+    for k in a_keys:
+        np.testing.assert_array_equal(cold[k], warm[k], err_msg=k)
+    base, _, _ = load_base("smollm2-135m-instruct")
+    torch.manual_seed(0)
+    c = commonsense_smollm2.get_config("toy,smoke")
+    lc = LoraConfig(
+        r=c.lora.r, lora_alpha=c.lora.alpha, target_modules=list(c.lora.target_modules), task_type="CAUSAL_LM"
+    )
+    peft = get_peft_model(base, lc)
+    ref = peft.base_model.model.model.layers[5].self_attn.q_proj.lora_A["default"].weight.detach().numpy()
+    np.testing.assert_array_equal(warm["layers/5/self_attn/q_proj/lora_a"], ref.T)
+    m1, m2 = (json.loads((tmp_path / "c" / n / "manifest.json").read_text()) for n in ("toy", "other"))
+    assert m1["init_hash"] == m2["init_hash"]
+    write_dataset(tmp_path / "d3", "reseeded")
+    run("reseeded", tmp_path / "d3", tmp_path / "c", _env(), "--config.seed=1")
+    with pytest.raises(
+        DndError,
+        match=r"'(reseeded|toy|other)' \(LoRA init [0-9a-f]+\) and '(reseeded|toy|other)' \(init",
+    ):
+        prepare.prepare_collection(tmp_path / "c", tmp_path / "tok", chunk=64)
+    prepare.prepare_collection(tmp_path / "c", tmp_path / "tok", chunk=64, allow_mixed_init=True)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+import converters
 from configs.collect import commonsense_smollm2
+from converters.jax_to_peft import save_peft_adapter
 from dnd_jax import evaluate
 from dnd_jax.collect import collect
 from dnd_jax.errors import DndError
@@ -107,6 +109,12 @@ def test_parse_answer_as_the_original():
     assert evaluate.parse_answer("maybe", True) is None
 
 
+def _zero_b(tree: dict) -> dict:
+    return {
+        k: _zero_b(v) if isinstance(v, dict) else (np.zeros_like(v) if k == "lora_b" else v) for k, v in tree.items()
+    }
+
+
 def test_trained_lora_beats_base_via_cli(tmp_path):
     data = write_fixed_answer_dataset(tmp_path / "data")
     c = commonsense_smollm2.get_config("fixed,smoke")
@@ -114,16 +122,24 @@ def test_trained_lora_beats_base_via_cli(tmp_path):
     c.phase1.steps, c.phase1.lr, c.phase1.batch_size = 12, 2e-3, 4
     c.phase2.steps = 1
     lora = collect(c, tmp_path / "collect") / "step-000013"
+    # The same LoRA with B = 0: exactly the base model, so its scores must equal the base row's.
+    params, spec = converters.load_peft_adapter(lora)
+    save_peft_adapter(_zero_b(params), spec, tmp_path / "zero_b")
     out = tmp_path / "eval"
     r = subprocess.run([sys.executable, "-m", "dnd_jax.evaluate", "--base=smollm2-135m-instruct", f"--data={data}",
-                        "--dataset=fixed", f"--training={lora}", f"--generated={lora}", f"--out={out}"],
+                        "--dataset=fixed", f"--training={lora}", "--generated", str(lora), str(tmp_path / "zero_b"),
+                        "--protocols=ll,gen,nll", f"--out={out}"],
                        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
-    base, trained = res["rows"][0], res["rows"][1]
+    base, trained, gen_trained, gen_zero = res["rows"]
     assert trained["gen"]["acc"] > base["gen"]["acc"]
     assert trained["gen"]["acc"] >= 0.9
-    assert res["summary"]["generated"]["gen/acc"]["std"] == 0.0
+    assert trained["nll"]["nll"] < 0.5 * base["nll"]["nll"]
+    assert gen_zero["nll"]["nll"] == pytest.approx(base["nll"]["nll"], abs=1e-4)
+    assert gen_zero["gen"]["acc"] == base["gen"]["acc"]
+    spread = abs(gen_trained["gen"]["acc"] - gen_zero["gen"]["acc"]) / 2
+    assert spread > 0.2 and res["summary"]["generated"]["gen/acc"]["std"] == pytest.approx(spread)
     assert (out / "results.png").stat().st_size > 1000
     assert "| base |" in (out / "results.md").read_text() and "| base |" in r.stdout
 
@@ -136,3 +152,29 @@ def test_adapter_for_another_base_model(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(DndError, match="not a PEFT adapter"):
         evaluate.evaluate("smollm2-135m-instruct", data, "fixed", [("training", "x", tmp_path)], tmp_path / "out")
+
+
+def test_response_nll_matches_hf_loss_oracle():
+    """Batched nll (shared-prefix cache, right padding, head on response positions only) equals HF's own
+    cross-entropy of each item alone, token-weighted; prompts of different lengths, one truncated."""
+    from dnd_jax.lm import encode_sft_example
+    from dnd_jax.protocols.nll import response_nll
+
+    lm, tok, _ = load_base("smollm2-135m-instruct")
+    sys_a = "Answer by a single [ans]."
+    recs = [{"prompt": "Is the sky blue?\nA: yes\nB: no", "response": "[A]", "system": sys_a},
+            {"prompt": "Which is a fruit?\nA: stone\nB: apple\nC: chair", "response": "[B] because apples grow",
+             "system": sys_a},
+            {"prompt": "Two plus two?", "response": "[4]", "system": ""},
+            {"prompt": "word " * 120 + "Pick one.\nA: x\nB: y", "response": "[B]", "system": sys_a}]  # fmt: skip
+    total = count = 0
+    for r in recs:
+        ids, labels = encode_sft_example(tok, r, 96)
+        with torch.no_grad():
+            loss = lm(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+        n = sum(y != -100 for y in labels)
+        total, count = total + loss * n, count + n
+    for bs in (1, 2, 3):
+        got = response_nll(lm, tok, recs, bs, "cpu", cutoff_len=96)
+        assert got["tokens"] == count
+        assert got["nll"] == pytest.approx(total / count, abs=2e-4)

@@ -117,3 +117,34 @@ def test_constant_chunk_decodes_exactly():
     tok = lora_tokens._encode_chunks(w, np)
     mu, sigma = lora_tokens.decode_scales(tok)
     assert not np.isnan(tok).any() and abs(float(mu[0])) == 0 and abs(float(sigma[0])) < 1e-7
+
+
+def reference_decode_scales(tok: np.ndarray) -> tuple[float, float]:
+    """The original's `with_scales_wrapper.detokenize` for one token, step by step (spec §2.6)."""
+    rows, cols = tok.shape
+    from_rows = np.stack([[tok[rows - 2 + i, 2 * j : 2 * j + 2] for j in range(cols // 2)] for i in range(2)])
+    from_rows = from_rows.mean(axis=1)  # (2 rows, 2): the bottom rows' 65 column pairs averaged
+    from_cols = np.stack([tok[2 * j : 2 * j + 2, cols - 2 :] for j in range(rows // 2)]).mean(axis=0)  # (2, 2)
+    code = (from_rows + from_cols) / 2
+    mus = [code[i, 0] / 8.0 for i in range(2)]
+    sigmas = [(np.exp(code[i, 1] - 1.6) - 0.1) / 0.9 for i in range(2)]
+    return float(np.mean(mus)), float(np.mean(sigmas))
+
+
+def test_scales_decode_per_row_then_average_on_tokens_whose_border_rows_differ():
+    """Generated tokens carry different codes in their two border rows; each row is decoded (exp) and
+    then averaged. Averaging the codes first gives another sigma, so this fails for that order."""
+    rng = np.random.default_rng(3)
+    tok = rng.normal(size=(6, 10, 130)).astype(np.float32)
+    tok[:, 8, :] = np.tile([0.05, -0.2], 65)  # row 0 of the border: (mu', sigma')
+    tok[:, 9, :] = np.tile([-0.03, 1.4], 65)  # row 1: very different sigma'
+    tok[:, :, 128:] = np.tile([[0.05, -0.2], [-0.03, 1.4]], (5, 1))
+    mu, sigma = lora_tokens.decode_scales(tok)
+    for i in range(len(tok)):
+        ref_mu, ref_sigma = reference_decode_scales(tok[i].astype(np.float64))
+        np.testing.assert_allclose([mu[i], sigma[i]], [ref_mu, ref_sigma], rtol=1e-5, atol=1e-7)
+    averaged_code_first = (np.exp((-0.2 + 1.4) / 2 - 1.6) - 0.1) / 0.9
+    assert abs(float(sigma[0]) - averaged_code_first) > 0.05
+    mu_j, sigma_j = lora_tokens.decode_scales(jnp.asarray(tok), xp=jnp)
+    np.testing.assert_allclose(np.asarray(sigma_j), sigma, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(mu_j), mu, rtol=1e-5, atol=1e-8)

@@ -107,29 +107,40 @@ def to_records(task: dict, name: str, max_choices: int = 4) -> list[dict]:
     return recs
 
 
-def build(out_dir: str | Path, tasks: list[str], test_size: int, seed: int = 0, max_train: int | None = None) -> Path:
-    """Writes the tasks as a data directory (dataset_info.json + splits); skips when already built."""
+def build(out_dir: str | Path, tasks: list[str], test_size: int, seed: int = 0, max_train: int | None = None,
+          max_choices: int = 4) -> Path:  # fmt: skip
+    """Writes the tasks as a data directory (dataset_info.json + splits); skips when already built.
+
+    Args:
+      out_dir: the data directory to write.
+      tasks: BIG-bench task names ("social_iqa", "goal_step_wikihow/goal_inference", ...).
+      test_size: test items per task (at most a third of the task).
+      seed: seed of the train/test split.
+      max_train: cap on training items per task.
+      max_choices: keep examples with 2..max_choices options (at most 8).
+    """
     out_dir = Path(out_dir)
     marker = out_dir / "dataset_info.json"
     if marker.is_file():
         have = json.loads(marker.read_text())
-        if all(f"{_name(t)}_train" in have for t in tasks):
+        if all(f"{task_name(t)}_train" in have for t in tasks):
             return out_dir
     parsed = read_tasks(fetch_sdist(), tasks)
     with atomic_dir(out_dir, overwrite=True) as tmp:
         info = {}
         cols = {"prompt": "prompt", "response": "response", "system": "system"}
         for t in tasks:
-            recs = to_records(parsed[t], t)
+            recs = to_records(parsed[t], t, max_choices)
             order = np.random.default_rng([seed, len(recs)]).permutation(len(recs))
             n_test = min(test_size, len(recs) // 3)
             test, train = [recs[i] for i in order[:n_test]], [recs[i] for i in order[n_test:]][:max_train]
             for split, part in (("train", train), ("test", test)):
-                (tmp / f"{_name(t)}_{split}.json").write_text(json.dumps(part, indent=1))
-                info[f"{_name(t)}_{split}"] = {"file_name": f"{_name(t)}_{split}.json", "columns": cols}
+                (tmp / f"{task_name(t)}_{split}.json").write_text(json.dumps(part, indent=1))
+                info[f"{task_name(t)}_{split}"] = {"file_name": f"{task_name(t)}_{split}.json", "columns": cols}
         (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2))
     return out_dir
 
 
-def _name(task: str) -> str:
+def task_name(task: str) -> str:
+    """The dataset name of a BIG-bench task ("a/b" -> "a-b")."""
     return task.replace("/", "-")

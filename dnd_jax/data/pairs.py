@@ -59,11 +59,12 @@ class PairSampler:
       num_texts: prompts per sample.
       batch_size: global batch size.
       seed: base seed; batch `step` depends only on (seed, step).
+      offset: [T, R, K] subtracted from every target (residual targets), or None.
     """
 
     def __init__(self, token_sets: list[TokenSet], pools: dict[str, PromptPool], num_texts: int,
-                 batch_size: int, seed: int):  # fmt: skip
-        self.sets, self.pools = token_sets, pools
+                 batch_size: int, seed: int, offset: np.ndarray | None = None):  # fmt: skip
+        self.sets, self.pools, self.offset = token_sets, pools, offset
         self.num_texts, self.batch_size, self.seed = num_texts, batch_size, seed
         for s in token_sets:
             if s.name not in pools:
@@ -90,6 +91,8 @@ class PairSampler:
             ids.append(pool.input_ids[sel])
             masks.append(pool.attention_mask[sel])
             toks.append(np.asarray(s.tokens[c], dtype=np.float32))
+            if self.offset is not None:
+                toks[-1] = toks[-1] - self.offset
         return Batch(np.stack(ids), np.stack(masks), np.stack(toks))
 
 

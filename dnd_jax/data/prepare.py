@@ -42,6 +42,7 @@ class TokenSet:
     weight: np.ndarray  # [T]
     steps: list[int]
     layout: lora_tokens.TokenLayout
+    init_hash: str | None = None  # the collection's LoRA init (collect manifest), if recorded
 
 
 def _hash_checkpoints(ckpts: list[tuple[int, Path]]) -> str:
@@ -81,7 +82,8 @@ def prepare_dataset(
     if real_length is not None and len(ckpts) < real_length:
         raise DndError(f"{ckpt_dir}: {len(ckpts)} checkpoints, fewer than real_length {real_length}")
     digest = _hash_checkpoints(ckpts)
-    key = {"format": FORMAT, "hash": digest, "chunk": chunk, "pad": pad, "n": len(ckpts)}
+    key = {"format": FORMAT, "hash": digest, "chunk": chunk, "pad": pad, "n": len(ckpts),
+           "init_hash": _collection_init_hash(ckpt_dir)}  # fmt: skip
     manifest_path = out_dir / "manifest.json"
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
@@ -120,6 +122,17 @@ def prepare_dataset(
     return out_dir
 
 
+def _collection_init_hash(ckpt_dir: Path) -> str | None:
+    """The LoRA init hash `dnd_jax.collect` recorded for this folder (None for foreign checkpoints)."""
+    m = ckpt_dir / "manifest.json"
+    if not m.is_file():
+        return None
+    try:
+        return json.loads(m.read_text()).get("init_hash")
+    except json.JSONDecodeError:
+        return None
+
+
 def _load_flat(folder: Path, path: Path):
     from converters.peft_to_jax import read_adapter_config, read_state_dict, state_dict_to_pytree
 
@@ -142,7 +155,16 @@ def open_token_set(token_dir: str | Path, real_length: int | None = None) -> Tok
             raise DndError(f"{token_dir}: {tokens.shape[0]} checkpoints, fewer than real_length {real_length}")
         tokens = tokens[:real_length]
     return TokenSet(m["dataset"], tokens, np.load(token_dir / "criterion_weight.npy"), m["steps"][: len(tokens)],
-                    layout)  # fmt: skip
+                    layout, m.get("init_hash"))  # fmt: skip
+
+
+def check_same_init(sets: list[TokenSet], allow: bool = False) -> None:
+    """Refuses datasets whose collections started from different LoRA inits (manifest init_hash)."""
+    hashes = {s.name: s.init_hash for s in sets if s.init_hash}
+    if len(set(hashes.values())) > 1 and not allow:
+        (a, ha), (b, hb) = next((x, y) for x in hashes.items() for y in hashes.items() if x[1] != y[1])
+        raise DndError(f"datasets {a!r} (LoRA init {ha}) and {b!r} (init {hb}) were collected from different LoRA "
+                       "inits: re-collect one, or set config data.allow_mixed_init=True")  # fmt: skip
 
 
 def mean_criterion_weight(sets: list[TokenSet]) -> np.ndarray:
@@ -162,15 +184,21 @@ def prepare_collection(
     datasets: list[str] | None = None,
     real_length: int | None = None,
     pad: bool = False,
+    allow_mixed_init: bool = False,
 ) -> list[Path]:
-    """Prepares every (or the named) dataset folders of a collection root."""
+    """Prepares every (or the named) dataset folders of a collection root.
+
+    Collections that started from different LoRA inits (their manifests' init_hash) are refused
+    unless `allow_mixed_init`: their A tokens would be unrelated noise to a generator."""
     collection = Path(collection)
     if not collection.is_dir():
         raise DndError(f"{collection}: no such collection directory")
     names = datasets or sorted(p.name for p in collection.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
         raise DndError(f"{collection}: no dataset folders")
-    return [prepare_dataset(collection / n, Path(out) / n, chunk, real_length, pad) for n in names]
+    outs = [prepare_dataset(collection / n, Path(out) / n, chunk, real_length, pad) for n in names]
+    check_same_init([open_token_set(o) for o in outs], allow_mixed_init)
+    return outs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", default=None, help="comma-separated dataset folders (default: all)")
     ap.add_argument("--real-length", type=int, default=None, help="first N checkpoints in step order")
     ap.add_argument("--pad", action="store_true", help="zero-pad feature axes that --chunk does not divide")
+    ap.add_argument("--allow-mixed-init", action="store_true", help="accept collections with different LoRA inits")
     args = ap.parse_args(argv)
     names = args.datasets.split(",") if args.datasets else None
-    prepare_collection(args.collection, args.out, args.chunk, names, args.real_length, args.pad)
+    prepare_collection(args.collection, args.out, args.chunk, names, args.real_length, args.pad, args.allow_mixed_init)
     return 0
 
 

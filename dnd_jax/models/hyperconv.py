@@ -49,6 +49,9 @@ class GeneratorConfig:
       conv_impl: "direct" (lax.conv), "fft" (FFT along one spatial axis wherever it is float32 and
         cheaper, see `fft_plan`) or "auto" (fft on the CPU backend, direct on GPU/TPU, whose conv
         libraries pick their own algorithms). Under a multi-device mesh, convs are always direct.
+      zero_init_output: start the last layer's output conv (kernel and bias) at zero, so that the
+        untrained generator outputs exactly 0: with residual targets (tokens minus an offset) it then
+        starts at the offset, e.g. the prompt-blind mean of the training checkpoints.
     """
 
     features: tuple[Shape3, ...]
@@ -56,6 +59,7 @@ class GeneratorConfig:
     compute_dtype: str = "float32"
     fp32_last_layer: bool = True
     conv_impl: str = "auto"
+    zero_init_output: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "features", tuple(tuple(int(v) for v in f) for f in self.features))
@@ -210,6 +214,10 @@ class HyperConvDecoder(nnx.Module):
                            cfg.conv_impl)
             for i, (fin, fout) in enumerate(zip(cfg.features[:-1], cfg.features[1:], strict=True))
         ])  # fmt: skip
+        if cfg.zero_init_output:
+            out = self.layers[-1]
+            out.conv_l[...] = jnp.zeros_like(out.conv_l[...])
+            out.conv_l_bias[...] = jnp.zeros_like(out.conv_l_bias[...])
 
     def __call__(self, cond_bnld):
         x = cond_bnld
