@@ -175,8 +175,8 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
         L.append(f"\n## Secondary: accuracy on the first {e.secondary_limit} test items of each task (%)\n")
         L.append("`ll`: log-likelihood with lm-eval's generic template (`Question: ...\\nAnswer:` + ` choice`; "
                  "acc_norm divides by len(choice) as lm-eval); `gen`: the DnD generation protocol (greedy, answer "
-                 "parsed from the first 20 characters, format failures count as wrong). The sampled training LoRAs are scored "
-                 "on the primary metric only.\n")  # fmt: skip
+                 "parsed from the first 20 characters, format failures count as wrong). The sampled training LoRAs "
+                 "are scored on the primary metric only.\n")  # fmt: skip
         acc = {f"{p}/{m}": table(shared, variants, names, p, m, skip=("training",)) for p, m in sec}
         L.append("| row | " + " | ".join(acc) + " |\n|---|" + "---|" * len(acc))
         for r in [x for x in (*ROWS, *[f"generated:{v}" for v in vnames]) if x != "training"]:
