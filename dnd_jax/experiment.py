@@ -223,8 +223,12 @@ def training_sample(c, heldout: str, train_tasks: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ generation
-def generate_fold(train_dir: Path, heldout: list[str], c, out_root: Path, offset_path: Path | None) -> dict:
+def generate_fold(train_dir: Path, heldout: list[str], c, out_root: Path, offset_path: Path | None,
+                  a_from_offset: bool = False) -> dict:  # fmt: skip
     """Adapters for every held-out task of a fold from its test prompts: one load and one compile.
+
+    With `a_from_offset` the A tokens are the offset's (the fold mean: the shared init, which A barely
+    leaves) whatever the generator outputs for them, also for a generator trained on every token.
 
     Returns:
       {"seconds_per_adapter": ..., "compile_s": ...} (compile excluded from the former).
@@ -243,6 +247,10 @@ def generate_fold(train_dir: Path, heldout: list[str], c, out_root: Path, offset
     from dnd_jax.models.encoder import load_encoder, load_tokenizer
 
     config, graphdef, params, step = load_run(train_dir)
+    if a_from_offset:
+        if offset_path is None:
+            raise DndError("A tokens from the offset need residual targets (experiment.target=residual)")
+        config.data.loss_tokens = "b"
     template = open_token_set(Path(c.data.token_dir) / config.data.train_datasets[0])
     enc_path = resolve_model(config.encoder.path)
     enc_graphdef, enc_state = nnx.split(load_encoder(enc_path, dtype=jnp.dtype(config.encoder.dtype)))
@@ -457,13 +465,15 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
     if until == "folds":
         return None
     vdir = cv / e.variant
-    tdirs = [vdir / f"fold-{f['fold']}" / "train" for f in folds]
+    tdirs = [cv / (e.train_variant or e.variant) / f"fold-{f['fold']}" / "train" for f in folds]
 
     def trained(tdir):
         from dnd_jax.checkpointing import Checkpointer
 
         return (tdir / "checkpoints").is_dir() and Checkpointer(tdir / "checkpoints").latest_step() == c.train.steps
 
+    if e.train_variant and not all(trained(t) for t in tdirs):
+        raise DndError(f"config experiment.train_variant {e.train_variant!r}: its generators are not trained yet")
     stages.run(f"train/{e.variant}", lambda: [train_fold(c, f, vdir) for f in folds],
                done=all(trained(t) for t in tdirs))  # fmt: skip
     if until == "train":
@@ -473,7 +483,8 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
         info = {}
         for f, tdir in zip(folds, tdirs, strict=True):
             off = Path(f["mean_tokens"]) if (e.target == "residual" or e.predict == "b_only") else None
-            info[f["fold"]] = generate_fold(tdir, f["heldout"], c, vdir / f"fold-{f['fold']}" / "generated", off)
+            info[f["fold"]] = generate_fold(tdir, f["heldout"], c, vdir / f"fold-{f['fold']}" / "generated", off,
+                                            a_from_offset=e.predict == "b_only")  # fmt: skip
         prev = json.loads((vdir / "generation.json").read_text()) if (vdir / "generation.json").is_file() else {}
         write_json(vdir / "generation.json", {**prev, **{str(k): v for k, v in info.items() if v["compile_s"]}})
 

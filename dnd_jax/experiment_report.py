@@ -56,21 +56,17 @@ def table(shared: dict, variants: dict, names: list[str], proto: str, name: str,
     return out
 
 
-def collection_seconds(collection_dir: Path, names: list[str]) -> list[float]:
-    """Wall time of each task's collection: the manifest's own figure, else folder creation -> completion."""
-    out = []
-    for n in names:
-        m = collection_dir / n / "manifest.json"
-        if not m.is_file():
-            continue
-        sec = json.loads(m.read_text()).get("seconds")
-        if sec is None:
-            st = os.stat(collection_dir / n)
-            born = getattr(st, "st_birthtime", None)
-            sec = m.stat().st_mtime - born if born else None
-        if sec:
-            out.append(float(sec))
-    return out
+def collection_seconds(collection_dir: Path, names: list[str]) -> tuple[list[float], str]:
+    """Wall time of each task's collection and how it was measured: the manifests' own figure (training
+    time, model load excluded) when recorded, else the gaps between consecutive completions of a
+    sequential collection (model load included; the first task has no gap)."""
+    mans = {n: collection_dir / n / "manifest.json" for n in names}
+    mans = {n: m for n, m in mans.items() if m.is_file()}
+    secs = [json.loads(m.read_text()).get("seconds") for m in mans.values()]
+    if secs and all(secs):
+        return [float(x) for x in secs], "training time recorded in each manifest, model load excluded"
+    ends = sorted(m.stat().st_mtime for m in mans.values())
+    return list(np.diff(ends)), "gaps between consecutive task completions, model load included"
 
 
 def plot(vals: dict, variants: list[str], names: list[str], path: Path) -> None:
@@ -190,14 +186,14 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
         plot(nll, vnames, names, out_dir / "many_task.png")
         L.append("\n![per-task scatter](many_task.png)\n")
     L.append("## Time to an adapter\n")
-    coll = collection_seconds(Path(c.data.collection_dir), names)
+    coll, how = collection_seconds(Path(c.data.collection_dir), names)
     for v in vnames:
         gi = json.loads((cv / v / "generation.json").read_text()) if (cv / v / "generation.json").is_file() else {}
         per = [x["seconds_per_adapter"] for x in gi.values() if x.get("seconds_per_adapter")]
         if per and coll:
             L.append(f"- {v}: generation {np.median(per):.4f} s per adapter (median over folds, compile excluded; "
                      f"compile {np.median([x['compile_s'] for x in gi.values()]):.1f} s once per fold) vs collecting "
-                     f"one LoRA {np.median(coll):.1f} s (median over {len(coll)} tasks, model load excluded): "
+                     f"one LoRA {np.median(coll):.1f} s (median over {len(coll)} tasks; {how}): "
                      f"{np.median(coll) / np.median(per):,.0f}x less time on this machine.")  # fmt: skip
     L.append("\n## Settings\n")
     gen = generator_config(c)

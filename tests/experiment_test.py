@@ -94,3 +94,18 @@ def test_paired_statistics_against_a_plain_numpy_oracle():
     assert gap["fraction"] == pytest.approx(d.mean() / 0.4) and gap["ci"][0] < gap["fraction"] < gap["ci"][1]
     null = experiment.paired(control, control, 1000, 0, tie=0.0)
     assert null["mean"] == 0 and null["ties"] == 40 and null["ci"] == [0.0, 0.0]
+
+
+def test_b_token_mask_marks_exactly_the_b_tokens():
+    """Against a count from the module sizes alone: every module has ceil(in / C) A and ceil(out / C) B^T tokens."""
+    from converters.synthetic import qwen2_config, spec_from_config
+    from dnd_jax import lora_tokens
+    from dnd_jax.trainer import b_token_mask
+
+    spec = spec_from_config(qwen2_config("0.5B"), r=8, alpha=16)
+    layout = lora_tokens.make_layout(spec, 128)
+    mask = b_token_mask(layout)
+    want = sum(-(-m.out_features // 128) for m in spec.modules)
+    assert mask.sum() == want and mask.shape == (layout.num_tokens,)
+    assert layout.num_tokens == 4296 and want == 24 * (7 + 1 + 1 + 7 + 38 + 38 + 7)  # spec §2.2
+    assert mask[:7].sum() == 0 and mask[7:14].sum() == 7  # layer 0: q A tokens, then q B^T tokens
