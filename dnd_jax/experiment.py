@@ -248,14 +248,15 @@ def generate_fold(train_dir: Path, heldout: list[str], c, out_root: Path, offset
 
     config, graphdef, params, step = load_run(train_dir)
     if a_from_offset:
-        if offset_path is None:
-            raise DndError("A tokens from the offset need residual targets (experiment.target=residual)")
         config.data.loss_tokens = "b"
     template = open_token_set(Path(c.data.token_dir) / config.data.train_datasets[0])
     enc_path = resolve_model(config.encoder.path)
     enc_graphdef, enc_state = nnx.split(load_encoder(enc_path, dtype=jnp.dtype(config.encoder.dtype)))
     tok = load_tokenizer(enc_path)
-    fn = make_generate_fn(config, graphdef, enc_graphdef, template.layout)
+    residual = bool(config.data.get("target_offset", ""))  # how the generator was trained
+    if a_from_offset and offset_path is None:
+        raise DndError("A tokens from the fold mean need its mean tokens (folds.json mean_tokens)")
+    fn = make_generate_fn(config, graphdef, enc_graphdef, template.layout, residual=residual)
     offset = None if offset_path is None else jnp.asarray(np.load(offset_path))
     k, times, compile_s = c.experiment.num_adapters, [], None
     for task in heldout:
@@ -483,6 +484,7 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
         info = {}
         for f, tdir in zip(folds, tdirs, strict=True):
             off = Path(f["mean_tokens"]) if (e.target == "residual" or e.predict == "b_only") else None
+            # A generator trained on absolute tokens takes no offset, except for its A tokens (b_only).
             info[f["fold"]] = generate_fold(tdir, f["heldout"], c, vdir / f"fold-{f['fold']}" / "generated", off,
                                             a_from_offset=e.predict == "b_only")  # fmt: skip
         prev = json.loads((vdir / "generation.json").read_text()) if (vdir / "generation.json").is_file() else {}

@@ -65,12 +65,14 @@ def load_run(workdir: str | Path, step: int | None = None):
     return config, graphdef, state["params"], step
 
 
-def make_generate_fn(config, graphdef, enc_graphdef, layout, detokenize: bool = True):
+def make_generate_fn(config, graphdef, enc_graphdef, layout, detokenize: bool = True, residual: bool = True):
     """The compiled prompts -> LoRA pytree call: ids [K, N, L], mask -> {path: {lora_a, lora_b}} [K, ...].
 
     With `data.target_offset` the generator's output is added to the offset tokens; with
     `data.loss_tokens == "b"` the A tokens are the offset's (the generator was never trained on them).
     The call takes the offset as its last argument (None without one). `detokenize=False` returns tokens.
+    `residual=False` (with loss_tokens "b"): the generator's B^T tokens are absolute and only the A tokens
+    come from the offset.
     """
     from dnd_jax.trainer import b_token_mask
 
@@ -82,7 +84,10 @@ def make_generate_fn(config, graphdef, enc_graphdef, layout, detokenize: bool = 
         cond = encoder(ids_knl, mask_knl, key=None, mask_padding=config.encoder.mask_padding)
         tokens = nnx.merge(graphdef, params)(cond.astype(jnp.dtype(config.model.compute_dtype))).astype(jnp.float32)
         if offset_trk is not None:
-            tokens = tokens * keep_b + offset_trk if b_only else tokens + offset_trk
+            if b_only:
+                tokens = tokens * keep_b + offset_trk * (1.0 - keep_b if not residual else 1.0)
+            else:
+                tokens = tokens + offset_trk
         return lora_tokens.detokenize(tokens, layout, xp=jnp) if detokenize else tokens
 
     return jax.jit(fn)
