@@ -74,6 +74,7 @@ def plot(vals: dict, variants: list[str], names: list[str], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(len(variants), 2, figsize=(9, 4.2 * len(variants)), squeeze=False)
     for row, v in enumerate(variants):
@@ -85,6 +86,8 @@ def plot(vals: dict, variants: list[str], names: list[str], path: Path) -> None:
             ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):  # major ticks only: minor log labels overlap
+                axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel(f"{ref} NLL per response token")
             ax.set_ylabel(f"generated ({v}) NLL")
             wins = int((g < x).sum())
@@ -92,6 +95,18 @@ def plot(vals: dict, variants: list[str], names: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _variant_desc(cv: Path, v: str) -> str:
+    """How a variant's generators were trained, from its fold-0 training config (or whose it reuses)."""
+    own = cv / v / "fold-0" / "train" / "config.json"
+    if not own.is_file():
+        return f"{v} (reuses another variant's generators; A tokens from the fold mean)"
+    tc = json.loads(own.read_text())
+    d = tc["data"]
+    target = "residual from the fold mean" if d.get("target_offset") else "absolute tokens"
+    loss = "B^T tokens only" if d.get("loss_tokens") == "b" else "all tokens"
+    return f"{v} ({tc['train']['steps']} steps, {target}, loss on {loss})"
 
 
 def _label(row: str) -> str:
@@ -173,11 +188,13 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
                  "acc_norm divides by len(choice) as lm-eval); `gen`: the DnD generation protocol (greedy, answer "
                  "parsed from the first 20 characters, format failures count as wrong). The sampled training LoRAs "
                  "are scored on the primary metric only.\n")  # fmt: skip
-        acc = {f"{p}/{m}": table(shared, variants, names, p, m, skip=("training",)) for p, m in sec}
+        have = {v: per for v, per in variants.items() if all(p in per[t][0] for t in names for p, _ in sec)}
+        vsec = list(have)
+        acc = {f"{p}/{m}": table(shared, have, names, p, m, skip=("training",)) for p, m in sec}
         L.append("| row | " + " | ".join(acc) + " |\n|---|" + "---|" * len(acc))
-        for r in [x for x in (*ROWS, *[f"generated:{v}" for v in vnames]) if x != "training"]:
+        for r in [x for x in (*ROWS, *[f"generated:{v}" for v in vsec]) if x != "training"]:
             L.append(f"| {_label(r)} | " + " | ".join(f"{100 * a[r].mean():.1f}" for a in acc.values()) + " |")
-        for v in vnames:
+        for v in vsec:
             for k, a in acc.items():
                 d = paired(-a[f"generated:{v}"], -a["control"], nb, seed, 0.0)
                 L.append(f"- {k}, generated ({v}) - control: {100 * d['mean']:+.2f} points [{100 * d['ci'][0]:+.2f}, "
@@ -209,7 +226,7 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
           f"{count_params(gen):,} parameters; {c.train.steps} steps, batch {c.train.batch_size}, lr "
           f"{c.train.learning_rate}, {c.data.num_texts} prompts x {c.data.max_text_length} tokens per condition, "
           f"{c.data.real_length} checkpoints per task, seed {c.seed}",
-          "- **variants**: " + "; ".join(vnames),
+          "- **variants**: " + "; ".join(_variant_desc(cv, v) for v in vnames),
           f"- **generation**: {e.num_adapters} adapter(s) per held-out task from its unlabeled test prompts (seeded "
           "batches), the final generator step (no selection on test data)",
           "- **control**: the mean token tensor of the fold's training checkpoints, detokenized (spec §2.6 decoding)",
