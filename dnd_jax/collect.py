@@ -225,6 +225,12 @@ def collect(config, out: str | Path) -> Path:
     return ds_dir
 
 
+def is_complete(out: str | Path, dataset: str) -> bool:
+    """Whether <out>/<dataset>/ holds a finished collection (its manifest says "complete")."""
+    m = Path(out) / dataset / "manifest.json"
+    return m.is_file() and json.loads(m.read_text()).get("complete", False)
+
+
 def collect_tasks(config, datasets: list[str], out: str | Path, data_dir: str | None = None) -> list[Path]:
     """Collects (or resumes) several datasets in turn with one recipe; a progress bar over tasks with ETA.
 
@@ -241,11 +247,7 @@ def collect_tasks(config, datasets: list[str], out: str | Path, data_dir: str | 
 
     from tqdm import tqdm
 
-    def complete(name):
-        m = Path(out) / name / "manifest.json"
-        return m.is_file() and json.loads(m.read_text()).get("complete", False)
-
-    todo = [n for n in datasets if not complete(n)]
+    todo = [n for n in datasets if not is_complete(out, n)]
     bar = tqdm(total=len(datasets), initial=len(datasets) - len(todo), desc="collect tasks", unit="task",
                dynamic_ncols=True, position=1)  # fmt: skip
     dirs = []
@@ -254,7 +256,7 @@ def collect_tasks(config, datasets: list[str], out: str | Path, data_dir: str | 
         c.dataset = name  # existing fields: allowed on a locked ConfigDict
         if data_dir is not None:
             c.data_dir = str(data_dir)
-        was_done = complete(name)
+        was_done = is_complete(out, name)
         dirs.append(collect(c, out))
         if not was_done:
             bar.set_postfix(last=name)

@@ -88,11 +88,6 @@ def data_ready(c, names: list[str]) -> bool:
     return reg.is_file() and all(f"{n}_test" in json.loads(reg.read_text()) for n in names)
 
 
-def collection_complete(c, name: str) -> bool:
-    m = Path(c.data.collection_dir) / name / "manifest.json"
-    return m.is_file() and json.loads(m.read_text()).get("complete", False)
-
-
 # ------------------------------------------------------------------------------------------ folds
 def families(c) -> dict[str, str]:
     """{task: family} from config experiment.families ("task=family" strings; BIG-bench names as in data)."""
@@ -408,20 +403,29 @@ def prepare_folds(c, workdir: Path, names: list[str]) -> list[dict]:
     return out
 
 
-def train_fold(c, fold: dict, vdir: Path) -> Path:
+def is_trained(tdir: Path, steps: int) -> bool:
+    """Whether a generator workdir holds its final checkpoint."""
     from dnd_jax.checkpointing import Checkpointer
+
+    return (tdir / "checkpoints").is_dir() and Checkpointer(tdir / "checkpoints").latest_step() == steps
+
+
+def uses_offset(e) -> bool:
+    """Whether a variant reads the fold mean tokens: residual targets, or A tokens taken from the mean."""
+    return e.target == "residual" or e.predict == "b_only"
+
+
+def train_fold(c, fold: dict, vdir: Path) -> Path:
     from dnd_jax.trainer import train_and_evaluate
 
     e = c.experiment
-    residual = e.target == "residual" or e.predict == "b_only"
     if e.target not in ("tokens", "residual") or e.predict not in ("full", "b_only"):
         raise DndError(f"config experiment.target {e.target!r} / predict {e.predict!r}: expected tokens|residual, "
                        "full|b_only")  # fmt: skip
     tdir = vdir / f"fold-{fold['fold']}" / "train"
-    ck = tdir / "checkpoints"
-    if ck.is_dir() and Checkpointer(ck).latest_step() == c.train.steps:
+    if is_trained(tdir, c.train.steps):
         return tdir
-    fc = fold_config(c, fold["train"], fold["heldout"], Path(fold["mean_tokens"]) if residual else None)
+    fc = fold_config(c, fold["train"], fold["heldout"], Path(fold["mean_tokens"]) if uses_offset(e) else None)
     train_and_evaluate(fc, tdir)
     return tdir
 
@@ -430,7 +434,7 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
     """Runs or resumes every stage up to `until`; returns the report path (or None before "report")."""
     from tqdm import tqdm
 
-    from dnd_jax.collect import collect_tasks
+    from dnd_jax.collect import collect_tasks, is_complete
     from dnd_jax.data.prepare import check_same_init, open_token_set, prepare_dataset
     from dnd_jax.evaluate import Scorer
     from dnd_jax.pipeline import Stages, _resolve
@@ -447,7 +451,7 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
     if until == "data":
         return None
     stages.run("collect", lambda: collect_tasks(c.collect, names, c.data.collection_dir, data_dir=c.data.prompts_dir),
-               done=all(collection_complete(c, n) for n in names))  # fmt: skip
+               done=all(is_complete(c.data.collection_dir, n) for n in names))  # fmt: skip
     if until == "collect":
         return None
 
@@ -469,9 +473,7 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
     tdirs = [cv / (e.train_variant or e.variant) / f"fold-{f['fold']}" / "train" for f in folds]
 
     def trained(tdir):
-        from dnd_jax.checkpointing import Checkpointer
-
-        return (tdir / "checkpoints").is_dir() and Checkpointer(tdir / "checkpoints").latest_step() == c.train.steps
+        return is_trained(tdir, c.train.steps)
 
     if e.train_variant and not all(trained(t) for t in tdirs):
         raise DndError(f"config experiment.train_variant {e.train_variant!r}: its generators are not trained yet")
@@ -483,7 +485,7 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
     def adapters():
         info = {}
         for f, tdir in zip(folds, tdirs, strict=True):
-            off = Path(f["mean_tokens"]) if (e.target == "residual" or e.predict == "b_only") else None
+            off = Path(f["mean_tokens"]) if uses_offset(e) else None
             # A generator trained on absolute tokens takes no offset, except for its A tokens (b_only).
             info[f["fold"]] = generate_fold(tdir, f["heldout"], c, vdir / f"fold-{f['fold']}" / "generated", off,
                                             a_from_offset=e.predict == "b_only")  # fmt: skip

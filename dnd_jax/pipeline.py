@@ -106,11 +106,9 @@ def run_pipeline(config, workdir: str | Path) -> Path:
             cc.dataset, cc.data_dir = name, d.prompts_dir
             collect(cc, d.collection_dir)
 
-    def complete(name):
-        m = Path(d.collection_dir) / name / "manifest.json"
-        return m.is_file() and json.loads(m.read_text()).get("complete", False)
+    from dnd_jax.collect import is_complete
 
-    stages.run("collect", collect_all, done=all(complete(n) for n in names))
+    stages.run("collect", collect_all, done=all(is_complete(d.collection_dir, n) for n in names))
 
     train_dir = workdir / "train"
     ck = train_dir / "checkpoints"
