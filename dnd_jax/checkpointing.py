@@ -35,6 +35,15 @@ class Checkpointer:
         """Restores `step` into the shapes, dtypes and shardings of `abstract_state`."""
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+    def restore_local(self, step: int, abstract_state):
+        """Restores `step` whole onto this process's first device, whatever mesh or process count saved it
+        (a checkpoint's own shardings name the devices of the run that wrote it)."""
+        import jax
+
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_state)
+        return self.restore(step, target)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -8,6 +8,7 @@ a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -28,8 +29,20 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         code = main(argv)
     except DndError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit(130)
     sys.exit(code or 0)
+
+
+def _exit(code: int) -> NoReturn:
+    """Exits; in a multi-process JAX run a failing process leaves at once instead of waiting in JAX's
+    shutdown barrier for peers that may never get there (they stop on the missing heartbeat)."""
+    from dnd_jax import distributed
+
+    if distributed.active():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -23,10 +23,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from dnd_jax import lora_tokens
+from dnd_jax import distributed, lora_tokens
 from dnd_jax.errors import DndError, run_cli
 
 
@@ -57,7 +56,7 @@ def load_run(workdir: str | Path, step: int | None = None):
         if step not in steps:
             raise DndError(f"{workdir}: no checkpoint at step {step} (have {sorted(steps)})")
         abstract = jax.eval_shape(make_init_state(config))
-        state = ck.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        state = ck.restore_local(step, abstract)
     finally:
         ck.close()
     gen = generator_config(config)
@@ -161,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="prompt sampling seed (default: the config's)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats after the warm-up call")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    distributed.add_arguments(ap)
     args = ap.parse_args(argv)
+    if distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout):
+        if jax.process_index() != 0:  # generation is small: process 0 does it; the others only joined
+            return 0
     t0 = time.perf_counter()
     r = generate(args.workdir, args.prompts, args.out, args.num_adapters, args.step, args.seed, args.overwrite,
                  args.repeats)  # fmt: skip

@@ -5,25 +5,20 @@
 
 Any config field can be overridden with --config.<field>=<value>. Re-running with the same workdir
 resumes from its latest checkpoint. With several processes (TPU pods, multi-node GPU) each
-process runs the same command; jax.distributed is initialised from the environment.
+process runs the same command and they form one global mesh: JAX finds the others from the
+cluster's environment (TPU pods, SLURM, Open MPI), or from --coordinator HOST:PORT
+--num_processes N --process_id I (what `python -m dnd_jax.launch` passes). Each process feeds
+its share of every global batch; process 0 alone writes config.json, metrics.jsonl and the
+TensorBoard events; all processes write their shards of each checkpoint.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
+from dnd_jax import distributed
 from dnd_jax.config_cli import parse_or_exit, versions
 from dnd_jax.errors import DndError, run_cli
-
-
-def _maybe_init_distributed() -> None:
-    import jax
-
-    multi = any(os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-                                              "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))  # fmt: skip
-    if multi and os.environ.get("SLURM_NTASKS", "2") != "1":
-        jax.distributed.initialize()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,17 +28,22 @@ def main(argv: list[str] | None = None) -> int:
     config_flags.DEFINE_config_file("config", None, "experiment config (configs/<target>.py[:smoke])",
                                     lock_config=True)  # fmt: skip
     flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, config); resumes when present")
+    distributed.define_flags()
     parse_or_exit(argv if argv is not None else sys.argv)
-    if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
+    f = flags.FLAGS
+    if f.config is None or f.workdir is None:
         raise DndError("both --config and --workdir are required")
-    _maybe_init_distributed()
+    distributed.initialize(f.coordinator, f.num_processes, f.process_id, f.heartbeat_timeout)
     import jax
 
     from dnd_jax.trainer import train_and_evaluate
 
     print(f"{versions()}; devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
-          f"({jax.process_count()} process(es))", file=sys.stderr)  # fmt: skip
-    r = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+          f"({jax.process_count()} process(es), this is process {jax.process_index()})", file=sys.stderr)  # fmt: skip
+    with distributed.one_line_runtime_errors():
+        r = train_and_evaluate(f.config, f.workdir)
+    if jax.process_index() != 0:
+        return 0
     start = r.get("heldout_wmse_start")
     print(
         f"held-out weighted MSE: {'' if start is None else f'{start:.5f} at step 0 -> '}"

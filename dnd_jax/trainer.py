@@ -67,6 +67,9 @@ def load_data(config) -> Data:
     if d.heldout_dataset in names:
         raise DndError(f"config field data.heldout_dataset: {d.heldout_dataset!r} is also a training dataset")
     sets = {}
+    multi = jax.process_count() > 1
+    if multi and jax.process_index() != 0:  # process 0 prepares first; on a shared filesystem the rest reuse it
+        _barrier("dnd_jax.tokens")
     for name in [*names, d.heldout_dataset]:
         src = Path(d.collection_dir) / name
         if not src.is_dir():
@@ -77,6 +80,8 @@ def load_data(config) -> Data:
         if got != tuple(gen.features[-1]):
             raise DndError(f"{out}: token shape {list(got)} differs from config model.features[-1] "
                            f"{list(gen.features[-1])} (set it to the data's shape, or data.chunk)")  # fmt: skip
+    if multi and jax.process_index() == 0:
+        _barrier("dnd_jax.tokens")
     n, length, dim = gen.features[0]
     if d.num_texts != n or d.max_text_length != length:
         raise DndError(f"config: data.num_texts/max_text_length ({d.num_texts}, {d.max_text_length}) differ from "
@@ -102,6 +107,12 @@ def load_data(config) -> Data:
         weight = weight * b_token_mask(train_sets[0].layout)
     return Data(train_sets, sets[d.heldout_dataset], weight, sampler, pools[d.heldout_dataset], encoder,
                 train_sets[0].layout, offset)  # fmt: skip
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def load_target_offset(config, shape: tuple) -> np.ndarray | None:
@@ -215,7 +226,11 @@ def _tree_shardings(tree, param_sh, rep):
 
 
 class Writer:
-    """TensorBoard event files plus metrics.jsonl in the workdir (process 0 only)."""
+    """TensorBoard event files plus metrics.jsonl in the workdir, written by process 0 only.
+
+    Events are written with tensorboardX (no PyTorch or TensorFlow in the training process); the
+    files are ordinary TensorBoard event files (`tensorboard --logdir <workdir>/tensorboard`).
+    """
 
     def __init__(self, workdir: Path):
         self.active = jax.process_index() == 0
@@ -223,11 +238,11 @@ class Writer:
         if not self.active:
             return
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(workdir / "tensorboard"))
         except ImportError:
-            print("warning: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+            print("warning: tensorboardX is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
         self.jsonl = (workdir / "metrics.jsonl").open("a")
 
     def write(self, step: int, metrics: dict) -> None:
@@ -237,6 +252,7 @@ class Writer:
         if self.tb is not None:
             for k, v in clean.items():
                 self.tb.add_scalar(k, v, step)
+            self.tb.flush()
         self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self.jsonl.flush()
 
@@ -245,6 +261,17 @@ class Writer:
             if self.tb is not None:
                 self.tb.close()
             self.jsonl.close()
+
+
+def to_host(tree):
+    """Fetches a tree of replicated arrays; in a multi-process run each process reads its own copy."""
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)
 
 
 def _global_batch(b: pairs.Batch, batch_sh, global_b: int) -> dict:
@@ -335,7 +362,8 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
     else:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
         state = ckpt.restore(start, target)
-        print(f"resumed from step {start} in {workdir / 'checkpoints'}", file=sys.stderr)
+        if jax.process_index() == 0:
+            print(f"resumed from step {start} in {workdir / 'checkpoints'}", file=sys.stderr)
 
     n_proc, pid = jax.process_count(), jax.process_index()
     lo, hi = pid * t.batch_size // n_proc, (pid + 1) * t.batch_size // n_proc
@@ -346,6 +374,7 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
     def evaluate(step: int, params) -> dict:
         vals = [eval_jit(params, enc_state, _global_batch(b.slice(lo, hi), batch_sh, t.batch_size), weight)
                 for b in eval_batches]  # fmt: skip
+        vals = to_host(vals)
         m = {"heldout/wmse": np.mean([float(v[0]) for v in vals]),
              "heldout/generated_mean_square": np.mean([float(v[1]) for v in vals])}  # fmt: skip
         writer.write(step, m)
@@ -363,7 +392,7 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
             state, metrics = train_jit(state, enc_state, _global_batch(b, batch_sh, t.batch_size), weight)
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:
-                m = jax.device_get(metrics)  # the only host sync, every log_every steps
+                m = to_host(metrics)  # the only host sync, every log_every steps
                 if not math.isfinite(float(m["loss"])):
                     raise DndError(f"non-finite loss {float(m['loss'])} at step {done}")
                 dt = (time.perf_counter() - t_last) / (done - last_logged)
@@ -382,5 +411,5 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
         ckpt.close()
         writer.close()
     result.update(heldout_wmse_end=final["heldout/wmse"], traces=traces["train"], state=state,
-                  last_metrics=jax.device_get(metrics) if metrics is not None else None)  # fmt: skip
+                  last_metrics=to_host(metrics) if metrics is not None else None)  # fmt: skip
     return result
