@@ -27,6 +27,8 @@ setup(
         "peft>=0.17",
         "gguf>=0.17",
         "tqdm",
+        # TensorBoard event files without PyTorch or TensorFlow in the training process.
+        "tensorboardX",
         "tensorboard",
         "matplotlib",
     ],

@@ -25,18 +25,20 @@ def _state_dict(model):
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-@pytest.mark.parametrize("features,k", [
-    (((6, 12, 16), (8, 10, 12), (8, 10, 12), (20, 6, 10)), 3),  # includes a residual layer
-    (((4, 9, 14), (5, 7, 8)), 5),
-    (((16, 32, 64), (8, 24, 48)), 9),  # ConvW1 and ConvW2 take the FFT path on CPU
+@pytest.mark.parametrize("features,k,fft_convs", [
+    (((6, 12, 16), (8, 10, 12), (8, 10, 12), (20, 6, 10)), 3, 0),  # includes a residual layer
+    (((4, 9, 14), (5, 7, 8)), 5, 0),
+    (((16, 32, 64), (8, 24, 48)), 9, 4),  # on CPU all but ConvL (16 -> 8 channels: too thin) take the FFT path
 ])  # fmt: skip
-def test_forward_matches_pytorch_original(features, k):
+def test_forward_matches_pytorch_original(features, k, fft_convs):
     cfg = GeneratorConfig(features, k)
     model = HyperConvDecoder(cfg, nnx.Rngs(0))
     ref = TorchHyperConvDecoder(features, k).double()
     ref.load_from_flax(_state_dict(model))
     x = np.random.default_rng(0).standard_normal((2, *features[0])).astype(np.float32)
+    hyperconv.PATHS.clear()
     got = np.asarray(jax.jit(lambda m, x: m(x))(model, x))
+    assert (hyperconv.PATHS["fft"], hyperconv.PATHS["direct"]) == (fft_convs, 5 * (len(features) - 1) - fft_convs)
     with torch.no_grad():
         want = ref(torch.from_numpy(x).double()).numpy()
     assert got.shape == (2, *features[-1])
@@ -93,12 +95,16 @@ def test_fft_and_direct_generators_train_alike():
     """Loss and gradients of the whole generator agree between conv_impl='fft' and 'direct'."""
     features, k = ((16, 32, 64), (8, 24, 48), (6, 10, 48)), 9
     x = jax.random.normal(jax.random.key(0), (2, *features[0]))
-    grads = {}
+    grads, paths = {}, {}
     for impl in ("fft", "direct"):
         model = HyperConvDecoder(GeneratorConfig(features, k, conv_impl=impl), nnx.Rngs(0))
         gd, params = nnx.split(model, nnx.Param)
         loss = lambda p, gd=gd: (nnx.merge(gd, p)(x) ** 2).mean()  # noqa: E731
+        hyperconv.PATHS.clear()
         grads[impl] = jax.jit(jax.value_and_grad(loss))(params)
+        paths[impl] = dict(hyperconv.PATHS)
+    # the comparison means something only if the FFT side did take FFT convs (6 of the 10 here)
+    assert paths == {"fft": {"fft": 6, "direct": 4}, "direct": {"direct": 10}}
     (lf, gf), (ld, gdir) = grads["fft"], grads["direct"]
     np.testing.assert_allclose(lf, ld, rtol=1e-5)
     scale = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(gdir))  # some biases have ~0 gradients

@@ -49,17 +49,23 @@ def test_sharded_step_matches_single_device_and_compiles_once(exp, tmp_path):
     assert abs(sharded["heldout_wmse_end"] - single["heldout_wmse_end"]) < 1e-5
 
 
-def test_fft_convs_single_device_match_sharded_direct(exp, tmp_path):
+def test_fft_convs_sharded_match_single_device(exp, tmp_path):
     """k = 9, conv_impl='fft': one device takes the FFT path (layer 0's ConvW1, layer 1's ConvW2); the
-    4 x 2 mesh falls back to direct convs (hyperconv.fft_conv); both train alike."""
+    4 x 2 mesh runs the same convs per batch shard in shard_map (hyperconv.conv); both train alike.
+    Reverting to XLA-partitioned FFT convs fails this (scripts/fft_sharding_repro.py)."""
     from dnd_jax.models import hyperconv
 
     assert hyperconv.fft_plan((8, 4, 16, 384), (9, 9, 384, 34), hyperconv._CONV_W) is not None
     over = {"train.steps": 2, "train.eps": 1.0, "model.kernel_size": 9, "model.conv_impl": "fft"}
+    hyperconv.PATHS.clear()
     sharded = trainer.train_and_evaluate(tiny_config(exp, **{"mesh.shape": (4, 2), **over}), tmp_path / "mesh")
+    assert hyperconv.PATHS["fft_sharded"] > 0 and hyperconv.PATHS["fft"] == 0
+    hyperconv.PATHS.clear()
     single = trainer.train_and_evaluate(
         tiny_config(exp, **{"mesh.shape": (1, 1), **over}), tmp_path / "one", devices=jax.devices()[:1]
     )
+    assert hyperconv.PATHS["fft"] > 0 and hyperconv.PATHS["fft_sharded"] == 0
+    np.testing.assert_allclose(sharded["heldout_wmse_start"], single["heldout_wmse_start"], rtol=1e-5)
     np.testing.assert_allclose(sharded["last_metrics"]["loss"], single["last_metrics"]["loss"], rtol=1e-5)
     np.testing.assert_allclose(sharded["last_metrics"]["grad_norm"], single["last_metrics"]["grad_norm"], rtol=1e-4)
     assert params_close(sharded["state"]["params"], single["state"]["params"]) < 1e-6

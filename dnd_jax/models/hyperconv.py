@@ -19,7 +19,9 @@ axis names (`logical_axes` metadata) that dnd_jax.sharding resolves to mesh axes
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import math
 
 import jax
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 Shape3 = tuple[int, int, int]
 
@@ -48,7 +51,7 @@ class GeneratorConfig:
       fp32_last_layer: run the last layer in float32 (the scale code is decoded from its output).
       conv_impl: "direct" (lax.conv), "fft" (FFT along one spatial axis wherever it is float32 and
         cheaper, see `fft_plan`) or "auto" (fft on the CPU backend, direct on GPU/TPU, whose conv
-        libraries pick their own algorithms). Under a multi-device mesh, convs are always direct.
+        libraries pick their own algorithms). Under a multi-device mesh FFT convs run per batch shard.
       zero_init_output: start the last layer's output conv (kernel and bias) at zero, so that the
         untrained generator outputs exactly 0: with residual targets (tokens minus an offset) it then
         starts at the offset, e.g. the prompt-blind mean of the training checkpoints.
@@ -71,12 +74,30 @@ class GeneratorConfig:
             raise ValueError(f"kernel_size must be odd for 'same' padding, got {self.kernel_size}")
 
 
-def conv(x, kernel, spec, dtype, impl: str = "direct"):
-    """k x k 'same' conv of x along the axes named by spec (batch, channel, spatial0, spatial1)."""
+# Which conv path each traced conv took ("direct", "fft", "fft_sharded"), counted at trace time, so
+# tests can assert the path they meant to test ran.
+PATHS: collections.Counter = collections.Counter()
+
+
+def conv(x, kernel, spec, dtype, impl: str = "direct", mesh=None):
+    """k x k 'same' conv of x along the axes named by spec (batch, channel, spatial0, spatial1).
+
+    With `mesh` (a multi-device mesh whose size divides the batch) an FFT conv runs per batch shard
+    inside `shard_map`, the kernel gathered whole onto every device (see `fft_conv` for why).
+    """
     if impl == "fft" and jnp.dtype(dtype) == jnp.float32:
         plan = fft_plan(x.shape, kernel.shape, spec)
         if plan is not None:
-            return fft_conv(x.astype(dtype), kernel.astype(dtype), spec, plan)
+            x, kernel = x.astype(dtype), kernel.astype(dtype)
+            if mesh is None:
+                PATHS["fft"] += 1
+                return fft_conv(x, kernel, spec, plan)
+            PATHS["fft_sharded"] += 1
+            batch = [None] * 4
+            batch[spec[0]] = tuple(mesh.axis_names)
+            local = functools.partial(fft_conv, spec=spec, axis=plan)
+            return jax.shard_map(local, mesh=mesh, in_specs=(P(*batch), P()), out_specs=P(*batch))(x, kernel)
+    PATHS["direct"] += 1
     dn = lax.ConvDimensionNumbers(lhs_spec=spec, rhs_spec=_KERNEL_SPEC, out_spec=spec)
     return lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "SAME", dimension_numbers=dn)
 
@@ -129,10 +150,13 @@ def fft_conv(x, kernel, spec, axis: int):
     reversed kernel; per bin, Sd is correlated with its k taps as a single complex GEMM over
     (taps, channels); irfft; the 'same' window is sliced out. float32 / complex64 throughout.
 
-    Single-device only: under a multi-device mesh the layers use the direct conv. In a 4 x 2-mesh
-    test, XLA's SPMD partitioner gave O(1) errors for this path in one sharding combination
-    (replicated activations, every kernel split on its output channels) while each piece alone,
-    and DFT-by-matmul instead of jnp.fft, partitioned the same way; not root-caused yet.
+    Under a multi-device mesh it must not be left to XLA's SPMD partitioner: on jax 0.10.2 (CPU,
+    4 x 2 mesh with Auto axes) the chain ConvH (direct, kernel split over its output channels, so
+    its output is split along H) -> this FFT conv transforming along H -> ConvL (direct, kernel
+    split over its input channels) gives O(1) errors (6.1 max abs on unit-scale data), while each
+    conv alone, any two of them, and the same chain with either kernel replicated are exact (1e-6).
+    Reproduction: scripts/fft_sharding_repro.py. `conv` therefore runs it per batch shard inside
+    shard_map, where no FFT op is partitioned.
     """
     k = kernel.shape[0]
     p = k // 2
@@ -186,19 +210,21 @@ class HyperConvLayer(nnx.Module):
     def __call__(self, x_bnhw):
         dt = self.dtype
         impl = self.conv_impl
-        mesh = jax.sharding.get_abstract_mesh()
-        if not mesh.empty and mesh.size > 1:
-            impl = "direct"  # the FFT path is single-device only: see fft_conv
-        elif impl == "auto":
+        if impl == "auto":
             impl = "fft" if jax.default_backend() == "cpu" else "direct"
+        mesh = jax.sharding.get_abstract_mesh()
+        mesh = None if mesh.empty or mesh.size == 1 else mesh
+        if mesh is not None and x_bnhw.shape[0] % mesh.size:
+            impl = "direct"  # FFT convs run per batch shard (see conv): the batch must split evenly
         x32 = x_bnhw.astype(jnp.float32)
         mean = x32.mean(axis=(2, 3), keepdims=True)
         var = ((x32 - mean) ** 2).mean(axis=(2, 3), keepdims=True)
         xn = (x32 - mean) * lax.rsqrt(var + 1e-5) * self.norm_scale[...] + self.norm_bias[...]
-        p1 = conv(conv(xn, self.conv_w1[...], _CONV_W, dt, impl), self.conv_h1[...], _CONV_H, dt, impl)
-        p2 = jnp.tanh(conv(conv(xn, self.conv_h2[...], _CONV_H, dt, impl), self.conv_w2[...], _CONV_W, dt, impl))
+        c = functools.partial(conv, dtype=dt, impl=impl, mesh=mesh)
+        p1 = c(c(xn, self.conv_w1[...], _CONV_W), self.conv_h1[...], _CONV_H)
+        p2 = jnp.tanh(c(c(xn, self.conv_h2[...], _CONV_H), self.conv_w2[...], _CONV_W))
         y = (p1 + p2 + self.fuse_bias[...].astype(dt)) / 3
-        y = conv(y, self.conv_l[...], _CONV_L, dt, impl) + self.conv_l_bias[...].astype(dt)[None, :, None, None]
+        y = c(y, self.conv_l[...], _CONV_L) + self.conv_l_bias[...].astype(dt)[None, :, None, None]
         return x_bnhw.astype(dt) + y if self.residual else y
 
 
