@@ -1,9 +1,12 @@
-"""Prompt-encoder throughput: 128 prompts x 384 tokens (one DnD condition) on this machine.
+"""Prompt-encoder throughput on this machine: PyTorch BertModel vs the Flax encoder, same run.
 
-  python benchmarks/encoder_bench.py [--prompts 128] [--length 384] [--repeats 3]
+  PYTHONPATH=. python benchmarks/encoder_bench.py [--sizes 128x384,32x32,64x48] [--repeats 3]
 
-Prints the Flax encoder's time (jit, fp32 and bf16) against PyTorch transformers.BertModel
-(fp32, torch.inference_mode) measured in the same run on the same inputs.
+Sizes are prompts x tokens: 128 x 384 is one paper-sized DnD condition; 32 x 32 is one demo
+training step (batch 4 x 8 prompts x 32 tokens), 64 x 48 one many-task step (8 x 8 x 48). For each:
+PyTorch transformers.BertModel (fp32, torch.inference_mode) as the baseline, then the Flax encoder
+(jit, fp32) with its CPU default (texts encoded in chunks, `encoder.auto_chunk`), all texts at
+once (chunk 0, the previous code), and bf16 compute; max abs difference to PyTorch's output.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch
 import transformers
 from flax import nnx
 
+from benchmarks.cpuinfo import describe
 from dnd_jax.assets import minilm_path
-from dnd_jax.models.encoder import load_encoder, load_tokenizer, tokenize_prompts
+from dnd_jax.models.encoder import BertConfig, auto_chunk, load_encoder, load_tokenizer, tokenize_prompts
 
 
 def bench(fn, repeats):
@@ -34,36 +38,43 @@ def bench(fn, repeats):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--prompts", type=int, default=128)
-    ap.add_argument("--length", type=int, default=384)
+    ap.add_argument("--sizes", default="128x384,32x32,64x48", help="prompts x tokens, comma-separated")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     path = minilm_path()
     tok = load_tokenizer(path)
-    rng = np.random.default_rng(0)
-    words = ["what", "is", "the", "answer", "to", "this", "question", "about", "science", "and", "plants"]
-    prompts = [" ".join(rng.choice(words, size=int(rng.integers(20, 120)))) for _ in range(args.prompts)]
-    ids, mask = tokenize_prompts(tok, prompts, args.length)
-    print(f"{jax.devices()[0].platform}: {args.prompts} prompts x {args.length} tokens, all-MiniLM-L6-v2")
     ref = transformers.BertModel.from_pretrained(path).eval()
-    t_ids, t_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
+    print(f"{describe()}; JAX {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); all-MiniLM-L6-v2")  # fmt: skip
+    encoders = {name: nnx.split(load_encoder(path, dtype=dt)) for name, dt in (("fp32", jnp.float32),
+                                                                                ("bf16", jnp.bfloat16))}  # fmt: skip
+    for size in args.sizes.split(","):
+        n, length = (int(v) for v in size.split("x"))
+        rng = np.random.default_rng(0)
+        words = ["what", "is", "the", "answer", "to", "this", "question", "about", "science", "and", "plants"]
+        prompts = [" ".join(rng.choice(words, size=int(rng.integers(20, 120)))) for _ in range(n)]
+        ids, mask = tokenize_prompts(tok, prompts, length)
+        t_ids, t_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
 
-    def run_torch():
-        with torch.inference_mode():
-            ref(input_ids=t_ids, attention_mask=t_mask)
+        def run_torch(t_ids=t_ids, t_mask=t_mask):
+            with torch.inference_mode():
+                return ref(input_ids=t_ids, attention_mask=t_mask).last_hidden_state
 
-    t_torch = bench(run_torch, args.repeats)
-    print(f"  PyTorch BertModel fp32 : {t_torch:7.3f} s  ({args.prompts / t_torch:7.1f} prompts/s)  baseline")
-    for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
-        graphdef, state = nnx.split(load_encoder(path, dtype=dtype))
-        f = jax.jit(lambda s, a, b, g=graphdef: nnx.merge(g, s)(a, b))  # weights are arguments, not constants
+        t_torch = bench(run_torch, args.repeats)
+        want = run_torch().numpy()
+        chunk = auto_chunk(BertConfig(), length)
+        chunk = -(-n // -(-n // chunk)) if chunk and n > chunk else 0  # as the encoder evens it out
+        print(f"{n} prompts x {length} tokens:")
+        print(f"  PyTorch BertModel fp32          : {t_torch:8.4f} s  ({n / t_torch:7.1f} prompts/s)  baseline")
         x, m = jnp.asarray(ids), jnp.asarray(mask)
-        t0 = time.perf_counter()
-        f(state, x, m).block_until_ready()
-        compile_s = time.perf_counter() - t0
-        t = bench(lambda f=f, x=x, m=m, s=state: f(s, x, m).block_until_ready(), args.repeats)
-        print(f"  Flax encoder {name}      : {t:7.3f} s  ({args.prompts / t:7.1f} prompts/s)  "
-              f"{t_torch / t:.2f}x PyTorch; first call (compile) {compile_s:.1f} s")  # fmt: skip
+        for name, dt, ch in ((f"fp32, chunks of {chunk} (default)", "fp32", None), ("fp32, all at once", "fp32", 0),
+                             (f"bf16, chunks of {chunk}", "bf16", None)):  # fmt: skip
+            graphdef, state = encoders[dt]
+            f = jax.jit(lambda s, a, b, g=graphdef, ch=ch: nnx.merge(g, s)(a, b, chunk=ch))  # weights as arguments
+            got = np.asarray(f(state, x, m).astype(jnp.float32))
+            t = bench(lambda f=f, s=state, x=x, m=m: f(s, x, m).block_until_ready(), args.repeats)
+            print(f"  Flax {name:27s}: {t:8.4f} s  ({n / t:7.1f} prompts/s)  {t_torch / t:.2f}x PyTorch; "
+                  f"max |diff| {np.abs(got - want).max():.1e}")  # fmt: skip
 
 
 if __name__ == "__main__":

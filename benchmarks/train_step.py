@@ -21,8 +21,10 @@ import optax
 import torch
 from flax import nnx
 
+from benchmarks.cpuinfo import describe
 from benchmarks.torch_hyperconv import TorchHyperConvDecoder
 from configs.base import PAPER_FEATURES, SMOLLM2_TOKENS
+from dnd_jax.models import hyperconv
 from dnd_jax.models.hyperconv import GeneratorConfig, HyperConvDecoder, count_params, layer_flops
 from dnd_jax.trainer import weighted_mse
 
@@ -101,18 +103,29 @@ def main():
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     ap.add_argument("--conv-impl", default="direct,auto",
                     help="generator conv_impl values to time (auto = FFT convs where cheaper on CPU)")  # fmt: skip
+    ap.add_argument("--fft-ratios", default="",
+                    help="also time conv_impl=auto with these FFT cost-ratio thresholds (hyperconv.fft_plan), "
+                         "e.g. 0.45,0.7,1.0: the sweep that sets the per-CPU-kind thresholds")  # fmt: skip
     a = ap.parse_args()
     dev = jax.devices()[0]
-    print(f"devices: {jax.device_count()} x {dev.device_kind}; torch threads {torch.get_num_threads()}")
+    ratio, min_ch = hyperconv.fft_thresholds()
+    print(f"{describe()}; devices: {jax.device_count()} x {dev.device_kind}; torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); FFT thresholds for this CPU kind: cost ratio <= {ratio}, "
+          f">= {min_ch} channels")  # fmt: skip
     for name in a.configs.split(","):
         features, k, batch = CONFIGS[name]
         if not a.no_torch and dev.platform == "cpu":
             tt, tf = torch_step_time(features, k, batch, a.repeats)
             print(f"{name}: PyTorch fp32 (the original's math): step {tt:.3f} s, forward {tf:.3f} s", flush=True)
-        for impl in a.conv_impl.split(","):
+        runs = [(impl, None) for impl in a.conv_impl.split(",")]
+        runs += [("auto", float(r)) for r in a.fft_ratios.split(",") if r]
+        for impl, r in runs:
+            hyperconv.FFT_THRESHOLDS_OVERRIDE = None if r is None else (r, min_ch)
             jt, jf, n, flops = jax_step_time(features, k, batch, a.dtype, a.repeats, impl)
+            hyperconv.FFT_THRESHOLDS_OVERRIDE = None
+            tag = impl if r is None else f"auto, FFT ratio <= {r}"
             line = (f"{name}: {n / 1e6:.2f} M params, batch {batch}, {flops / 1e9:.1f} GFLOP/sample fwd | JAX "
-                    f"{a.dtype} conv_impl={impl}: step {jt:.3f} s ({batch / jt:.2f} samples/s, "
+                    f"{a.dtype} conv_impl={tag}: step {jt:.3f} s ({batch / jt:.2f} samples/s, "
                     f"{3 * flops * batch / jt / 1e12:.3f} TFLOP/s direct-equivalent), forward {jf:.3f} s")  # fmt: skip
             if not a.no_torch and dev.platform == "cpu":
                 line += f" | vs PyTorch: step {tt / jt:.2f}x, forward {tf / jf:.2f}x"

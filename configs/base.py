@@ -67,6 +67,9 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     c.encoder.train_dropout = True
     # Zero the hidden states of padded prompt positions (the original does not).
     c.encoder.mask_padding = False
+    # Encode each prompt once and reuse its output (host memory: prompts drawn x L x D floats; needs
+    # train_dropout=False). The original re-encodes every step with dropout on, so this is off by default.
+    c.encoder.cache = False
 
     c.model = ml_collections.ConfigDict()
     # Activation shapes (N, H, W) from the condition (num_texts, max_text_length, hidden) to the tokens.

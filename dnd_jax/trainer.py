@@ -45,6 +45,7 @@ class Data:
     encoder: object
     layout: object
     offset: np.ndarray | None = None  # [T, R, K] targets are tokens - offset (data.target_offset)
+    cache: pairs.HiddenCache | None = None  # encoder outputs per prompt (encoder.cache)
 
 
 def generator_config(config) -> GeneratorConfig:
@@ -102,11 +103,31 @@ def load_data(config) -> Data:
     sampler = pairs.PairSampler(train_sets, pools, d.num_texts, config.train.batch_size, config.seed, offset)
     if pools[d.heldout_dataset].input_ids.shape[0] < d.num_texts:
         raise DndError(f"{d.heldout_dataset}: fewer prompts than num_texts={d.num_texts}")
+    cache = attach_cache(config, encoder, pools.values()) if config.encoder.get("cache", False) else None
     weight = mean_criterion_weight(train_sets)
     if d.get("loss_tokens", "all") == "b":
         weight = weight * b_token_mask(train_sets[0].layout)
     return Data(train_sets, sets[d.heldout_dataset], weight, sampler, pools[d.heldout_dataset], encoder,
-                train_sets[0].layout, offset)  # fmt: skip
+                train_sets[0].layout, offset, cache)  # fmt: skip
+
+
+def attach_cache(config, encoder, pools) -> pairs.HiddenCache:
+    """encoder.cache: one HiddenCache shared by `pools` (each prompt encoded once, deterministically)."""
+    e = config.encoder
+    if e.train_dropout:
+        raise DndError("config field encoder.cache=True needs encoder.train_dropout=False (a cached encoder output "
+                       "is computed once, without dropout)")  # fmt: skip
+    graphdef, state = nnx.split(encoder)
+
+    @jax.jit
+    def encode(ids, mask):
+        out = nnx.merge(graphdef, state)(ids, mask, key=None, mask_padding=e.mask_padding)
+        return out.astype(jnp.float32)
+
+    cache = pairs.HiddenCache(encode, encoder.cfg.hidden_size)
+    for pool in pools:
+        pool.cache = cache
+    return cache
 
 
 def _barrier(name: str) -> None:
@@ -186,10 +207,14 @@ def make_steps(config, graphdef, enc_graphdef, tx, schedule):
     t, e = config.train, config.encoder
     compute = jnp.dtype(config.model.compute_dtype)
 
+    def condition(enc_state, batch, key):
+        if "cond" in batch:  # encoder.cache: encoded once per prompt, on the host side
+            return batch["cond"]
+        return _encode(enc_graphdef, enc_state, batch["input_ids"], batch["attention_mask"], key, e.mask_padding)
+
     def loss_fn(params, enc_state, batch, weight, key):
         k_drop, k_cond, k_tgt = jax.random.split(key, 3)
-        cond = _encode(enc_graphdef, enc_state, batch["input_ids"], batch["attention_mask"],
-                       k_drop if e.train_dropout else None, e.mask_padding)  # fmt: skip
+        cond = condition(enc_state, batch, k_drop if e.train_dropout else None)
         cond = cond + t.noise_condition * jax.random.normal(k_cond, cond.shape, jnp.float32)
         pred = nnx.merge(graphdef, params)(cond.astype(compute))
         target = batch["tokens"] + t.noise_target * jax.random.normal(k_tgt, batch["tokens"].shape, jnp.float32)
@@ -208,7 +233,7 @@ def make_steps(config, graphdef, enc_graphdef, tx, schedule):
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def eval_step(params, enc_state, batch, weight):
-        cond = _encode(enc_graphdef, enc_state, batch["input_ids"], batch["attention_mask"], None, e.mask_padding)
+        cond = condition(enc_state, batch, None)
         pred = nnx.merge(graphdef, params)(cond.astype(compute))
         return weighted_mse(pred, batch["tokens"], weight), jnp.mean(jnp.square(pred.astype(jnp.float32)))
 
@@ -278,6 +303,8 @@ def _global_batch(b: pairs.Batch, batch_sh, global_b: int) -> dict:
     def put(x):
         return jax.make_array_from_process_local_data(batch_sh, x, (global_b, *x.shape[1:]))
 
+    if b.cond_bnld is not None:
+        return {"cond": put(b.cond_bnld), "tokens": put(b.tokens_btrk)}
     return {
         "input_ids": put(b.input_ids_bnl),
         "attention_mask": put(b.attention_mask_bnl),
@@ -291,11 +318,14 @@ def heldout_batches(data: Data, config) -> list[pairs.Batch]:
     n, out = data.heldout.tokens.shape[0], []
     for _ in range(config.train.eval_batches):
         idx = rng.integers(0, n, size=config.train.batch_size)
-        ids, masks = zip(*[pairs.prompt_batch(data.heldout_pool, config.data.num_texts, rng) for _ in idx], strict=True)
+        pool = data.heldout_pool
+        sels = [pairs.prompt_indices(pool, config.data.num_texts, rng) for _ in idx]
         toks = np.stack([np.asarray(data.heldout.tokens[i], np.float32) for i in idx])
         if data.offset is not None:
             toks = toks - data.offset
-        out.append(pairs.Batch(np.stack(ids), np.stack(masks), toks))
+        cond = None if pool.cache is None else np.stack([pool.hidden(sel) for sel in sels])
+        out.append(pairs.Batch(np.stack([pool.input_ids[s] for s in sels]),
+                               np.stack([pool.attention_mask[s] for s in sels]), toks, cond))  # fmt: skip
     return out
 
 
@@ -410,6 +440,7 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
         bar.close()
         ckpt.close()
         writer.close()
-    result.update(heldout_wmse_end=final["heldout/wmse"], traces=traces["train"], state=state,
+    cache = None if data.cache is None else {k: int(have.sum()) for k, (_, have) in sorted(data.cache.store.items())}
+    result.update(heldout_wmse_end=final["heldout/wmse"], traces=traces["train"], state=state, encoder_cache=cache,
                   last_metrics=to_host(metrics) if metrics is not None else None)  # fmt: skip
     return result

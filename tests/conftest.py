@@ -20,3 +20,13 @@ def _seed():
     import torch
 
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fft_thresholds():
+    """The same FFT conv choices on every CPU (the per-CPU-kind table is tested on its own)."""
+    from dnd_jax.models import hyperconv
+
+    hyperconv.FFT_THRESHOLDS_OVERRIDE = (0.45, 24)
+    yield
+    hyperconv.FFT_THRESHOLDS_OVERRIDE = None

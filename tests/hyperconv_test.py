@@ -91,6 +91,18 @@ def test_fft_plan_picks_fft_only_where_cheaper():
         GeneratorConfig(((4, 8, 16), (6, 5, 10)), 3, conv_impl="winograd")
 
 
+def test_fft_thresholds_follow_the_cpu_kind(monkeypatch):
+    hyperconv.FFT_THRESHOLDS_OVERRIDE = None
+    assert hyperconv.cpu_kind() in ("avx2", "avx512", "amx")  # read from /proc/cpuinfo
+    plans = {}
+    for kind in ("avx2", "avx512", "amx"):
+        monkeypatch.setattr(hyperconv, "cpu_kind", lambda kind=kind: kind)
+        assert hyperconv.fft_thresholds() == hyperconv.FFT_THRESHOLDS[kind]
+        # a conv whose FFT costs 50 % of the direct one: FFT on AMX (ratio <= 0.7) only
+        plans[kind] = hyperconv.fft_plan((4, 8, 8, 34), (9, 9, 34, 34), hyperconv._CONV_W)
+    assert plans == {"avx2": None, "avx512": None, "amx": 0}
+
+
 def test_fft_and_direct_generators_train_alike():
     """Loss and gradients of the whole generator agree between conv_impl='fft' and 'direct'."""
     features, k = ((16, 32, 64), (8, 24, 48), (6, 10, 48)), 9

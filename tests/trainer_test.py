@@ -71,6 +71,20 @@ def test_fft_convs_sharded_match_single_device(exp, tmp_path):
     assert params_close(sharded["state"]["params"], single["state"]["params"]) < 1e-6
 
 
+def test_encoder_cache_trains_like_encoding_every_step(exp, tmp_path):
+    """encoder.cache: each prompt is encoded once (on the host side of the step) and reused; without
+    dropout the conditions are the same, so the run is the same as encoding inside every step."""
+    over = {"train.steps": 4, "train.eps": 1.0, "encoder.train_dropout": False, "mesh.shape": (4, 2)}
+    cached = trainer.train_and_evaluate(tiny_config(exp, **{**over, "encoder.cache": True}), tmp_path / "cached")
+    plain = trainer.train_and_evaluate(tiny_config(exp, **over), tmp_path / "plain")
+    # 12 prompts per dataset (3 datasets), 4 per sample, 8 samples x 4 steps + held-out batches: every
+    # prompt drawn, each encoded once however often it was drawn
+    assert cached["encoder_cache"] == {"alpha": 12, "beta": 12, "gamma": 12} and plain["encoder_cache"] is None
+    np.testing.assert_allclose(cached["heldout_wmse_start"], plain["heldout_wmse_start"], rtol=1e-5)
+    np.testing.assert_allclose(cached["last_metrics"]["loss"], plain["last_metrics"]["loss"], rtol=1e-5)
+    assert params_close(cached["state"]["params"], plain["state"]["params"]) < 1e-6
+
+
 def trainer_init(exp):
     from flax import nnx
 
@@ -145,6 +159,7 @@ def test_config_typo_is_one_line(exp, tmp_path):
     ("model.features", ((4, 16, 384), (8, 8, 34), (90, 10, 34)), "differs from config model.features[-1]"),
     ("data.train_datasets", ("alpha", "gamma"), "is also a training dataset"),
     ("train.batch_size", 6, "not divisible"),
+    ("encoder.cache", True, "needs encoder.train_dropout=False"),
 ])  # fmt: skip
 def test_bad_setup_fails_before_compiling(exp, tmp_path, monkeypatch, field, value, message):
     compiled = []

@@ -4,7 +4,8 @@ Each training sample is a uniformly random (dataset, checkpoint) among the train
 prepared checkpoints, paired with `num_texts` prompts drawn without replacement from the same
 dataset's train split. Sampling depends only on (seed, step), so a resumed run sees exactly the
 batches an uninterrupted run would. Prompts are tokenized once per dataset (the encoder itself
-runs inside the jitted step); tokens come from the memory-mapped token store.
+runs inside the jitted step, or once per prompt with encoder.cache: `HiddenCache`); tokens come
+from the memory-mapped token store.
 
 Legend: B batch, N prompts per sample, L text length, T tokens, R/K token rows/columns.
 """
@@ -25,11 +26,52 @@ from dnd_jax.errors import DndError
 
 @dataclasses.dataclass
 class PromptPool:
-    """One dataset's prompts, tokenized once."""
+    """One dataset's prompts, tokenized once; optionally with a cache of their encoder outputs."""
 
     name: str
     input_ids: np.ndarray  # [P, L] int32
     attention_mask: np.ndarray  # [P, L] int32
+    cache: HiddenCache | None = None
+
+    def hidden(self, sel: np.ndarray) -> np.ndarray:
+        """[len(sel), L, D] encoder outputs of prompts `sel` (encoded on first use, then reused)."""
+        return self.cache.get(self, sel)
+
+
+class HiddenCache:
+    """Encoder outputs per prompt, computed the first time a prompt is drawn and kept (encoder.cache).
+
+    The frozen encoder is deterministic without dropout, so a prompt's condition never changes:
+    encoding it once instead of at every draw saves the encoder's share of each training step.
+    Storage is a lazily touched float32 array per pool (np.zeros pages cost memory only once written).
+
+    Args:
+      encode: jitted (ids [C, L], mask [C, L]) -> [C, L, D] float32; called with C = `chunk` rows.
+      dim: D.
+      chunk: prompts per encoder call (one compiled shape).
+    """
+
+    def __init__(self, encode, dim: int, chunk: int = 32):
+        self.encode, self.dim, self.chunk = encode, dim, chunk
+        self.store: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.encoded = 0  # prompts encoded so far (each once)
+        self.lock = threading.Lock()
+
+    def get(self, pool: PromptPool, sel: np.ndarray) -> np.ndarray:
+        with self.lock:
+            if pool.name not in self.store:
+                p, length = pool.input_ids.shape
+                self.store[pool.name] = (np.zeros((p, length, self.dim), np.float32), np.zeros(p, bool))
+            hidden, have = self.store[pool.name]
+            todo = np.unique(sel[~have[sel]])
+            for i in range(0, len(todo), self.chunk):
+                part = todo[i : i + self.chunk]
+                idx = np.pad(part, (0, self.chunk - len(part)), mode="edge")  # one compiled shape
+                out = np.asarray(self.encode(pool.input_ids[idx], pool.attention_mask[idx]))
+                hidden[part] = out[: len(part)]
+                have[part] = True
+            self.encoded += len(todo)
+            return hidden[sel]
 
 
 @dataclasses.dataclass
@@ -37,9 +79,11 @@ class Batch:
     input_ids_bnl: np.ndarray
     attention_mask_bnl: np.ndarray
     tokens_btrk: np.ndarray
+    cond_bnld: np.ndarray | None = None  # cached encoder outputs (encoder.cache), used instead of the ids
 
     def slice(self, lo: int, hi: int) -> Batch:
-        return Batch(self.input_ids_bnl[lo:hi], self.attention_mask_bnl[lo:hi], self.tokens_btrk[lo:hi])
+        cond = None if self.cond_bnld is None else self.cond_bnld[lo:hi]
+        return Batch(self.input_ids_bnl[lo:hi], self.attention_mask_bnl[lo:hi], self.tokens_btrk[lo:hi], cond)
 
 
 def tokenize_pool(tokenizer, name: str, prompts: list[str], max_length: int) -> PromptPool:
@@ -82,7 +126,7 @@ class PairSampler:
         picks = rng.integers(0, len(self.index), size=self.batch_size)
         prompt_rngs = rng.spawn(self.batch_size)
         hi = self.batch_size if hi is None else hi
-        ids, masks, toks = [], [], []
+        ids, masks, toks, conds = [], [], [], []
         for b in range(lo, hi):
             d, c = self.index[picks[b]]
             s = self.sets[d]
@@ -90,16 +134,23 @@ class PairSampler:
             sel = np.sort(sample_prompt_batch(pool.input_ids.shape[0], self.num_texts, prompt_rngs[b], s.name))
             ids.append(pool.input_ids[sel])
             masks.append(pool.attention_mask[sel])
+            if pool.cache is not None:
+                conds.append(pool.hidden(sel))
             toks.append(np.asarray(s.tokens[c], dtype=np.float32))
             if self.offset is not None:
                 toks[-1] = toks[-1] - self.offset
-        return Batch(np.stack(ids), np.stack(masks), np.stack(toks))
+        return Batch(np.stack(ids), np.stack(masks), np.stack(toks), np.stack(conds) if conds else None)
 
 
 def prompt_batch(pool: PromptPool, num_texts: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One [N, L] prompt batch from a pool (generation and held-out evaluation)."""
-    sel = np.sort(sample_prompt_batch(pool.input_ids.shape[0], num_texts, rng, pool.name))
+    sel = prompt_indices(pool, num_texts, rng)
     return pool.input_ids[sel], pool.attention_mask[sel]
+
+
+def prompt_indices(pool: PromptPool, num_texts: int, rng: np.random.Generator) -> np.ndarray:
+    """The sorted prompt indices `prompt_batch` draws with the same rng state."""
+    return np.sort(sample_prompt_batch(pool.input_ids.shape[0], num_texts, rng, pool.name))
 
 
 def prefetch(make, steps: range, depth: int = 2) -> Iterator:

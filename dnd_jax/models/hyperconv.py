@@ -117,10 +117,28 @@ def _fft_size(n: int) -> int:
 
 # FFT convs run at roughly half the FLOP rate of direct ones on CPU (complex GEMMs with a small
 # inner size, transforms, im2col copies); they are used only where they save more than that, and
-# not for thin convs, where the transforms dominate. Thresholds tuned on 2 CPU cores with
-# `benchmarks/train_step.py --configs mid` (ratio 0.35-0.5 within noise; 16 channels was slower).
-_FFT_MAX_COST_RATIO = 0.45
-_FFT_MIN_CHANNELS = 24
+# not for thin convs, where the transforms dominate. (cost ratio, min channels) per CPU kind, each
+# from a sweep of `benchmarks/train_step.py --configs mid --fft-ratios ...` on 2 cores of that kind
+# (benchmarks/README.md); kinds not measured (avx512 without AMX) use the AVX2 values. On AMX, ratio
+# 0.7 gave 5.88 s/step vs 6.32 at 0.45 on mid (1.0: 5.84, but it slows the k = 3 smoke config 1.5x).
+FFT_THRESHOLDS = {"avx2": (0.45, 24), "avx512": (0.45, 24), "amx": (0.7, 24)}
+FFT_THRESHOLDS_OVERRIDE: tuple[float, int] | None = None  # benchmarks set this to sweep
+
+
+@functools.cache
+def cpu_kind() -> str:
+    """'amx', 'avx512' or 'avx2' (also for anything else): the class of CPU the FFT thresholds follow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "amx" if "amx_bf16" in flags else "avx512" if "avx512f" in flags else "avx2"
+
+
+def fft_thresholds() -> tuple[float, int]:
+    """(max FFT/direct cost ratio, min channels) for this CPU."""
+    return FFT_THRESHOLDS_OVERRIDE or FFT_THRESHOLDS[cpu_kind()]
 
 
 def fft_plan(x_shape, k_shape, spec) -> int | None:
@@ -132,13 +150,14 @@ def fft_plan(x_shape, k_shape, spec) -> int | None:
     C * O against 2 * B * S0 * S1 * k^2 * C * O for the direct conv.
     """
     k, _, cin, cout = k_shape
-    if k == 1 or min(cin, cout) < _FFT_MIN_CHANNELS:
+    max_ratio, min_channels = fft_thresholds()
+    if k == 1 or min(cin, cout) < min_channels:
         return None
     b, s = x_shape[spec[0]], (x_shape[spec[2]], x_shape[spec[3]])
     direct = 2 * b * s[0] * s[1] * k * k * cin * cout
     costs = [8 * (_fft_size(s[a] + k - 1) // 2 + 1) * b * s[1 - a] * k * cin * cout for a in (0, 1)]
     best = int(costs[1] < costs[0])
-    return best if costs[best] <= _FFT_MAX_COST_RATIO * direct else None
+    return best if costs[best] <= max_ratio * direct else None
 
 
 def fft_conv(x, kernel, spec, axis: int):
