@@ -71,10 +71,17 @@ def load_data(config) -> Data:
     multi = jax.process_count() > 1
     if multi and jax.process_index() != 0:  # process 0 prepares first; on a shared filesystem the rest reuse it
         _barrier("dnd_jax.tokens")
+    missing = [n for n in [*names, d.heldout_dataset] if not (Path(d.collection_dir) / n).is_dir()]
+    if missing:
+        raise DndError(
+            f"{Path(d.collection_dir) / missing[0]}: no checkpoints of dataset {missing[0]!r} (config field "
+            f"data.collection_dir; {len(missing)} of {len(names) + 1} datasets missing). Make them with: python -m "
+            f"dnd_jax.collect --config configs/collect/commonsense_smollm2.py --datasets {','.join(missing)} --out "
+            f"{d.collection_dir} (the SmolLM2 recipe of the :smoke configs), or point data.collection_dir at "
+            "existing PEFT checkpoints"
+        )
     for name in [*names, d.heldout_dataset]:
         src = Path(d.collection_dir) / name
-        if not src.is_dir():
-            raise DndError(f"{src}: no checkpoints of dataset {name!r} (config field data.collection_dir)")
         out = prepare_dataset(src, Path(d.token_dir) / name, d.chunk, d.real_length, d.pad)
         sets[name] = open_token_set(out, d.real_length)
         got = tuple(sets[name].tokens.shape[1:])

@@ -147,6 +147,17 @@ def test_cli_killed_and_resumed_equals_uninterrupted(exp, tmp_path):
     assert (work / "config.json").is_file() and list((work / "tensorboard").iterdir())
 
 
+def test_paper_config_without_a_collection_names_the_collect_command(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dnd_jax.train", "--config", str(REPO / "configs/arc_c.py"),
+                        "--workdir", str(tmp_path / "w")], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data/common_sense_reasoning/ARC-e: no checkpoints of dataset 'ARC-e'")
+    assert "python -m dnd_jax.collect --config configs/collect/commonsense_smollm2.py --datasets ARC-e,OBQA," in last
+    assert "Traceback" not in r.stderr and not (tmp_path / "w" / "checkpoints").exists()
+
+
 def test_config_typo_is_one_line(exp, tmp_path):
     r = subprocess.run([*_train_cmd(exp, tmp_path / "w", 2), "--config.train.batchsize=4"],
                        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)  # fmt: skip
