@@ -27,7 +27,7 @@ import numpy as np
 from dnd_jax.config_cli import check_same_config, config_dict, parse_or_exit
 from dnd_jax.data.prompts import load_split
 from dnd_jax.errors import DndError, run_cli
-from dnd_jax.fileio import atomic_dir, atomic_file
+from dnd_jax.fileio import atomic_dir, atomic_file, workdir_lock
 from dnd_jax.lm import encode_sft_example, load_base, pick_device
 
 PHASE1_SAVE_EVERY = 10
@@ -162,67 +162,69 @@ def collect(config, out: str | Path) -> Path:
             print(f"{ds_dir}: already complete ({len(manifest['steps'])} checkpoints)", file=sys.stderr)
             return ds_dir
     ds_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in ds_dir.glob(".*.tmp-*"):  # from a run killed while writing
-        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
-
-    device = pick_device(config.device)
-    model, tok, model_path = load_base(config.model, config.dtype, device)
-    # Seeded right before the LoRA layers are made, after anything that may consume the global RNG
-    # (building the base model, dequantizing it into the cache on first use): the initial A is a
-    # function of (seed, base model, LoRA config) only, shared by every dataset, as in the original
-    # (one LLaMA-Factory seed for all). `init_hash` in the manifest records it.
-    torch.manual_seed(config.seed)
-    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                      target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM",
-                      base_model_name_or_path=str(model_path))  # fmt: skip
-    model = get_peft_model(model, lora)
-    ihash = init_hash(model)
-    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("init_hash", ihash) != ihash:
-        raise DndError(f"{ds_dir}: LoRA init differs from the one this collection started with; delete it to restart")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.phase1.lr, weight_decay=config.phase1.weight_decay)
-    start = _load_resume(ds_dir, model, opt, cfg)
-    examples = [encode_sft_example(tok, r, config.cutoff_len) for r in records]
-    manifest = {"dataset": config.dataset, "model": config.model, "base_model_path": str(model_path),
-                "phase1_steps": config.phase1.steps, "phase2_steps": config.phase2.steps, "config": cfg,
-                "init_hash": ihash, "seconds": _previous_seconds(manifest_path),
-                "steps": sorted(int(p.name[5:]) for p in ds_dir.glob("step-*") if int(p.name[5:]) <= start),
-                "complete": False}  # fmt: skip
-    model.train()
-    t_start = time.perf_counter() - manifest["seconds"]
-    bar = tqdm(total=total, initial=start, desc=f"collect {config.dataset}", unit="step", dynamic_ncols=True)
-    for step in range(start, total):
-        phase = config.phase1 if step < config.phase1.steps else config.phase2
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(config, step)
-        idx = example_indices(config, step, len(examples))
-        t0, loss_sum = time.perf_counter(), 0.0
-        for mb in np.split(idx, phase.grad_accum):
-            ids, mask, labels = _collate([examples[i] for i in mb], tok.pad_token_id, device)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / phase.grad_accum
-            loss.backward()
-            loss_sum += loss.detach().item()
-        if not math.isfinite(loss_sum):
-            raise DndError(f"{ds_dir}: non-finite loss at step {step + 1}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done = step + 1
-        if done > config.phase1.steps:
-            with atomic_dir(ds_dir / f"step-{done:06d}", overwrite=True) as tmp:
-                model.save_pretrained(tmp)
-                (tmp / "README.md").unlink(missing_ok=True)
-            manifest["steps"] = sorted(set(manifest["steps"]) | {done})
-        manifest["seconds"] = round(time.perf_counter() - t_start, 1)  # training wall time, over resumes
-        if done > config.phase1.steps or done % PHASE1_SAVE_EVERY == 0 or done == config.phase1.steps:
-            _save_resume(ds_dir, model, opt, done, cfg)
-            _write_manifest(ds_dir, manifest)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{learning_rate(config, step):.1e}",
-                        s_per_step=f"{time.perf_counter() - t0:.1f}")  # fmt: skip
-        bar.update()
-    bar.close()
-    manifest["complete"] = True
-    _write_manifest(ds_dir, manifest)
-    return ds_dir
+    with workdir_lock(ds_dir, "collect"):  # one writer; the leftovers below are then nobody's
+        for leftover in ds_dir.glob(".*.tmp-*"):  # from a run killed while writing
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+        device = pick_device(config.device)
+        model, tok, model_path = load_base(config.model, config.dtype, device)
+        # Seeded right before the LoRA layers are made, after anything that may consume the global RNG
+        # (building the base model, dequantizing it into the cache on first use): the initial A is a
+        # function of (seed, base model, LoRA config) only, shared by every dataset, as in the original
+        # (one LLaMA-Factory seed for all). `init_hash` in the manifest records it.
+        torch.manual_seed(config.seed)
+        lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                          target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM",
+                          base_model_name_or_path=str(model_path))  # fmt: skip
+        model = get_peft_model(model, lora)
+        ihash = init_hash(model)
+        if manifest_path.exists() and json.loads(manifest_path.read_text()).get("init_hash", ihash) != ihash:
+            raise DndError(
+                f"{ds_dir}: LoRA init differs from the one this collection started with; delete it to restart"
+            )
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=config.phase1.lr, weight_decay=config.phase1.weight_decay)
+        start = _load_resume(ds_dir, model, opt, cfg)
+        examples = [encode_sft_example(tok, r, config.cutoff_len) for r in records]
+        manifest = {"dataset": config.dataset, "model": config.model, "base_model_path": str(model_path),
+                    "phase1_steps": config.phase1.steps, "phase2_steps": config.phase2.steps, "config": cfg,
+                    "init_hash": ihash, "seconds": _previous_seconds(manifest_path),
+                    "steps": sorted(int(p.name[5:]) for p in ds_dir.glob("step-*") if int(p.name[5:]) <= start),
+                    "complete": False}  # fmt: skip
+        model.train()
+        t_start = time.perf_counter() - manifest["seconds"]
+        bar = tqdm(total=total, initial=start, desc=f"collect {config.dataset}", unit="step", dynamic_ncols=True)
+        for step in range(start, total):
+            phase = config.phase1 if step < config.phase1.steps else config.phase2
+            for g in opt.param_groups:
+                g["lr"] = learning_rate(config, step)
+            idx = example_indices(config, step, len(examples))
+            t0, loss_sum = time.perf_counter(), 0.0
+            for mb in np.split(idx, phase.grad_accum):
+                ids, mask, labels = _collate([examples[i] for i in mb], tok.pad_token_id, device)
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / phase.grad_accum
+                loss.backward()
+                loss_sum += loss.detach().item()
+            if not math.isfinite(loss_sum):
+                raise DndError(f"{ds_dir}: non-finite loss at step {step + 1}")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            done = step + 1
+            if done > config.phase1.steps:
+                with atomic_dir(ds_dir / f"step-{done:06d}", overwrite=True) as tmp:
+                    model.save_pretrained(tmp)
+                    (tmp / "README.md").unlink(missing_ok=True)
+                manifest["steps"] = sorted(set(manifest["steps"]) | {done})
+            manifest["seconds"] = round(time.perf_counter() - t_start, 1)  # training wall time, over resumes
+            if done > config.phase1.steps or done % PHASE1_SAVE_EVERY == 0 or done == config.phase1.steps:
+                _save_resume(ds_dir, model, opt, done, cfg)
+                _write_manifest(ds_dir, manifest)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{learning_rate(config, step):.1e}",
+                            s_per_step=f"{time.perf_counter() - t0:.1f}")  # fmt: skip
+            bar.update()
+        bar.close()
+        manifest["complete"] = True
+        _write_manifest(ds_dir, manifest)
+        return ds_dir
 
 
 def is_complete(out: str | Path, dataset: str) -> bool:

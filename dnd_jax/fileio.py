@@ -71,3 +71,35 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def workdir_lock(directory: str | os.PathLike, command: str) -> Iterator[None]:
+    """Holds `<directory>/.lock` for the duration: one writer per output directory.
+
+    A second process that tries gets a one-line error naming the holder's pid. The lock is an
+    flock on the open file, so the kernel drops it when the holder dies: a stale lock file left by a
+    killed process does not block the resume.
+    """
+    import fcntl
+
+    path = Path(directory) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise DndError(f"{directory}: in use by another {holder} (wait for it to finish, or use another "
+                       "output directory)") from None  # fmt: skip
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{command} process, pid {os.getpid()}")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()

@@ -12,6 +12,7 @@ loss = mean over valid entries of w_t (pred - (target + 1e-5 noise))^2 (spec §5
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,6 +31,7 @@ from dnd_jax.checkpointing import Checkpointer
 from dnd_jax.config_cli import check_same_config, config_dict, save_config
 from dnd_jax.data import pairs
 from dnd_jax.errors import DndError
+from dnd_jax.fileio import workdir_lock
 from dnd_jax.models.hyperconv import GeneratorConfig, HyperConvDecoder, layer_flops
 
 
@@ -349,6 +351,12 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict:
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    # one writer per workdir (in a multi-process run, process 0 holds it for all)
+    with workdir_lock(workdir, "train") if jax.process_index() == 0 else contextlib.nullcontext():
+        return _setup_and_run(config, workdir, devices)
+
+
+def _setup_and_run(config, workdir: Path, devices) -> dict:
     cfg_path = workdir / "config.json"
     if cfg_path.is_file():
         check_same_config(json.loads(cfg_path.read_text()), config_dict(config), str(workdir))

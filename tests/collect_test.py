@@ -218,3 +218,16 @@ def test_lora_init_is_shared_across_datasets_and_cache_states(tmp_path):
     ):
         prepare.prepare_collection(tmp_path / "c", tmp_path / "tok", chunk=64)
     prepare.prepare_collection(tmp_path / "c", tmp_path / "tok", chunk=64, allow_mixed_init=True)
+
+
+def test_a_second_collect_on_the_same_dataset_is_refused(tmp_path):
+    from dnd_jax.fileio import workdir_lock
+
+    data = write_dataset(tmp_path / "data")
+    with workdir_lock(tmp_path / "out" / "toy", "collect"):  # a live collect holds toy/
+        r = subprocess.run(_collect_cmd(data, tmp_path / "out"), capture_output=True, text=True, env=_env(), cwd=REPO)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'out' / 'toy'}: in use by another collect "
+                                                 f"process, pid {os.getpid()} (wait for it to finish, or use another "
+                                                 "output directory)")  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "out" / "toy").iterdir()) == [".lock"]  # nothing else written

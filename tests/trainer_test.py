@@ -158,6 +158,19 @@ def test_paper_config_without_a_collection_names_the_collect_command(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_one_writer_per_workdir_and_a_stale_lock_does_not_block(exp, tmp_path):
+    from dnd_jax.fileio import workdir_lock
+
+    work = tmp_path / "w"
+    with workdir_lock(work, "train"):  # a live holder (this process, another open file)
+        with pytest.raises(DndError, match=rf"w: in use by another train process, pid {os.getpid()} "):
+            trainer.train_and_evaluate(tiny_config(exp, **{"train.steps": 1}), work)
+    assert not (work / "config.json").exists()  # refused before writing anything
+    (work / ".lock").write_text("train process, pid 999999")  # left by a killed run: no flock on it
+    r = trainer.train_and_evaluate(tiny_config(exp, **{"train.steps": 1}), work)
+    assert r["start_step"] == 0 and (work / "checkpoints" / "1").is_dir()
+
+
 def test_config_typo_is_one_line(exp, tmp_path):
     r = subprocess.run([*_train_cmd(exp, tmp_path / "w", 2), "--config.train.batchsize=4"],
                        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)  # fmt: skip
