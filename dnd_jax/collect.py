@@ -26,6 +26,7 @@ import numpy as np
 
 from dnd_jax.config_cli import check_same_config, config_dict, parse_or_exit
 from dnd_jax.data.prompts import load_split
+from dnd_jax.distributed import StopOnSigterm
 from dnd_jax.errors import DndError, run_cli
 from dnd_jax.fileio import atomic_dir, atomic_file, workdir_lock
 from dnd_jax.lm import encode_sft_example, load_base, pick_device
@@ -193,6 +194,7 @@ def collect(config, out: str | Path) -> Path:
         model.train()
         t_start = time.perf_counter() - manifest["seconds"]
         bar = tqdm(total=total, initial=start, desc=f"collect {config.dataset}", unit="step", dynamic_ncols=True)
+        stop = StopOnSigterm()
         for step in range(start, total):
             phase = config.phase1 if step < config.phase1.steps else config.phase2
             for g in opt.param_groups:
@@ -221,6 +223,14 @@ def collect(config, out: str | Path) -> Path:
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{learning_rate(config, step):.1e}",
                             s_per_step=f"{time.perf_counter() - t0:.1f}")  # fmt: skip
             bar.update()
+            if stop.requested(done) and done < total:  # SIGTERM (preemption): save here and leave
+                _save_resume(ds_dir, model, opt, done, cfg)
+                _write_manifest(ds_dir, manifest)
+                bar.close()
+                print(f"stopped by SIGTERM after step {done} of {config.dataset}; its state is in {ds_dir}; "
+                      "re-run the same command to resume", file=sys.stderr)  # fmt: skip
+                raise SystemExit(0)
+        stop.restore()
         bar.close()
         manifest["complete"] = True
         _write_manifest(ds_dir, manifest)

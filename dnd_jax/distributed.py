@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 
 from dnd_jax.errors import DndError
 
@@ -103,3 +105,30 @@ def one_line_runtime_errors():
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise DndError(f"process {jax.process_index()}: a cross-process step failed ({first[:200]}); "
                        "another process has probably died, see its output") from None  # fmt: skip
+
+
+class StopOnSigterm:
+    """SIGTERM (what TPU VMs and SLURM send before preemption) asks a loop to save and stop at its next
+    step boundary: `requested(step)`. In a multi-process JAX run, JAX's preemption sync point makes every
+    process stop at the same step (its coordination service hears the signal); in one process, a flag
+    set by the handler (installed from the main thread only; `restore()` puts the old one back)."""
+
+    def __init__(self, multi_process: bool = False):
+        self.flag, self.old, self.multi = False, None, multi_process
+        if not multi_process and threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def requested(self, step: int) -> bool:
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.flag
+
+    def restore(self) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+            self.old = None

@@ -416,7 +416,7 @@ def uses_offset(e) -> bool:
 
 
 def train_fold(c, fold: dict, vdir: Path) -> Path:
-    from dnd_jax.trainer import train_and_evaluate
+    from dnd_jax.trainer import exit_if_stopped, train_and_evaluate
 
     e = c.experiment
     if e.target not in ("tokens", "residual") or e.predict not in ("full", "b_only"):
@@ -426,7 +426,7 @@ def train_fold(c, fold: dict, vdir: Path) -> Path:
     if is_trained(tdir, c.train.steps):
         return tdir
     fc = fold_config(c, fold["train"], fold["heldout"], Path(fold["mean_tokens"]) if uses_offset(e) else None)
-    train_and_evaluate(fc, tdir)
+    exit_if_stopped(train_and_evaluate(fc, tdir), tdir)
     return tdir
 
 

@@ -116,9 +116,9 @@ def run_pipeline(config, workdir: str | Path) -> Path:
     train_cfg = copy.deepcopy(c)
 
     def train():
-        from dnd_jax.trainer import train_and_evaluate
+        from dnd_jax.trainer import exit_if_stopped, train_and_evaluate
 
-        train_and_evaluate(train_cfg, train_dir)
+        exit_if_stopped(train_and_evaluate(train_cfg, train_dir), train_dir)
 
     stages.run("train", train, done=trained)
 

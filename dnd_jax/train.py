@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         r = train_and_evaluate(f.config, f.workdir)
     if jax.process_index() != 0:
         return 0
+    if r.get("stopped_at") is not None:
+        print(f"stopped by SIGTERM after step {r['stopped_at']}; its checkpoint is in {f.workdir}/checkpoints; "
+              "re-run the same command to resume", file=sys.stderr)  # fmt: skip
+        return 0
     start = r.get("heldout_wmse_start")
     print(
         f"held-out weighted MSE: {'' if start is None else f'{start:.5f} at step 0 -> '}"

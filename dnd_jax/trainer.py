@@ -30,6 +30,7 @@ from dnd_jax import sharding
 from dnd_jax.checkpointing import Checkpointer
 from dnd_jax.config_cli import check_same_config, config_dict, save_config
 from dnd_jax.data import pairs
+from dnd_jax.distributed import StopOnSigterm
 from dnd_jax.errors import DndError
 from dnd_jax.fileio import workdir_lock
 from dnd_jax.models.hyperconv import GeneratorConfig, HyperConvDecoder, layer_flops
@@ -308,6 +309,15 @@ def to_host(tree):
     return jax.tree.map(get, tree)
 
 
+def exit_if_stopped(result: dict, workdir) -> None:
+    """For commands that train as one stage of several (pipeline, experiment): after a SIGTERM stop, say
+    where to resume and exit 0 instead of going on with an unfinished generator."""
+    if result.get("stopped_at") is not None:
+        print(f"stopped by SIGTERM after training step {result['stopped_at']} (checkpoint in {workdir}); re-run "
+              "the same command to resume", file=sys.stderr)  # fmt: skip
+        raise SystemExit(0)
+
+
 def _global_batch(b: pairs.Batch, batch_sh, global_b: int) -> dict:
     def put(x):
         return jax.make_array_from_process_local_data(batch_sh, x, (global_b, *x.shape[1:]))
@@ -432,6 +442,8 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
 
     bar = tqdm(total=t.steps, initial=start, desc="train", disable=pid != 0 or not t.progress, file=sys.stderr)
     metrics, t_last, last_logged = None, time.perf_counter(), start
+    stop = StopOnSigterm(multi_process=jax.process_count() > 1)
+    final = None
     try:
         for step, b in pairs.prefetch(lambda s: data.sampler.rows(s, lo, hi), range(start, t.steps)):
             state, metrics = train_jit(state, enc_state, _global_batch(b, batch_sh, t.batch_size), weight)
@@ -450,12 +462,19 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
             if done % t.checkpoint_every == 0 or done == t.steps:
                 ckpt.save(done, state)
             bar.update(1)
-        final = evaluate(t.steps, state["params"])
+            if done != t.steps and stop.requested(done):  # SIGTERM (preemption): save here and leave
+                ckpt.save(done, state, force=True)
+                result["stopped_at"] = done
+                break
+        else:
+            final = evaluate(t.steps, state["params"])
     finally:
+        stop.restore()
         bar.close()
-        ckpt.close()
+        ckpt.close()  # waits for the last (async) save
         writer.close()
     cache = None if data.cache is None else {k: int(have.sum()) for k, (_, have) in sorted(data.cache.store.items())}
-    result.update(heldout_wmse_end=final["heldout/wmse"], traces=traces["train"], state=state, encoder_cache=cache,
+    result.update(heldout_wmse_end=None if final is None else final["heldout/wmse"], traces=traces["train"],
+                  state=state, encoder_cache=cache,
                   last_metrics=to_host(metrics) if metrics is not None else None)  # fmt: skip
     return result

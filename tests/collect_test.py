@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -78,17 +80,23 @@ def test_collect_writes_every_phase2_step(collection):
     assert any(not np.array_equal(fa[k], fb[k]) for k in fa)
 
 
-def test_killed_collection_resumes_to_the_same_checkpoints(collection, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_or_preempted_collection_resumes_to_the_same_checkpoints(collection, tmp_path, sig):
+    """SIGKILL: resume from the last saved step. SIGTERM (preemption): save at the next step, exit 0 saying so."""
     data, full = collection
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_collect_cmd(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(_collect_cmd(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=_env(), cwd=REPO)  # fmt: skip
     deadline = time.time() + 300
     while not (out / "toy" / "step-000004").exists():
         assert proc.poll() is None and time.time() < deadline, "collect ended before it could be killed"
         time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0, err[-2000:]
+        assert re.fullmatch(rf"stopped by SIGTERM after step [4-5] of toy; its state is in {out / 'toy'}; re-run the "
+                            "same command to resume", err.strip().splitlines()[-1])  # fmt: skip
     r = subprocess.run(_collect_cmd(data, out), capture_output=True, text=True, env=_env(), cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     got = converters.list_checkpoints(out / "toy")

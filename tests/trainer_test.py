@@ -171,6 +171,30 @@ def test_one_writer_per_workdir_and_a_stale_lock_does_not_block(exp, tmp_path):
     assert r["start_step"] == 0 and (work / "checkpoints" / "1").is_dir()
 
 
+def test_sigterm_saves_at_the_next_step_and_exits_0(exp, tmp_path):
+    """What TPU VMs and SLURM send before preemption: save, exit 0 with a line saying how to resume."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    work, steps = tmp_path / "w", 150
+    cmd = [*_train_cmd(exp, work, steps), "--config.train.checkpoint_every=1000", "--config.train.log_every=1"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (work / "metrics.jsonl").is_file() and len((work / "metrics.jsonl").read_text().splitlines()) > 3:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    stopped = int(line.split("after step ")[1].split(";")[0])
+    assert line == (f"stopped by SIGTERM after step {stopped}; its checkpoint is in {work}/checkpoints; "
+                    "re-run the same command to resume")  # fmt: skip
+    assert 3 <= stopped < steps and Checkpointer(work / "checkpoints").all_steps() == [stopped]
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and f"resumed from step {stopped}" in again.stderr, again.stderr[-2000:]
+    assert Checkpointer(work / "checkpoints").latest_step() == steps
+
+
 def test_config_typo_is_one_line(exp, tmp_path):
     r = subprocess.run([*_train_cmd(exp, tmp_path / "w", 2), "--config.train.batchsize=4"],
                        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)  # fmt: skip
