@@ -219,8 +219,9 @@ def test_bad_setup_fails_before_compiling(exp, tmp_path, monkeypatch, field, val
 
 
 def test_empty_collection_folder(exp, tmp_path):
-    (tmp_path / "collect" / "alpha").mkdir(parents=True)
-    with pytest.raises(DndError, match="alpha"):
+    for name in ("alpha", "beta", "gamma"):  # folders present (missing ones are another error), alpha empty
+        (tmp_path / "collect" / name).mkdir(parents=True)
+    with pytest.raises(DndError, match="collect/alpha"):
         trainer.train_and_evaluate(
             tiny_config(exp, **{"data.collection_dir": str(tmp_path / "collect")}), tmp_path / "w"
         )
