@@ -7,28 +7,9 @@ import os
 import platform
 from pathlib import Path
 
+from dnd_jax.models.hyperconv import cpu_flags, cpu_kind
+
 ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_kind() -> str:
-    """'amx', 'avx512', 'avx2' or 'other': the class of CPU whose figures a benchmark row belongs to."""
-    f = cpu_flags()
-    if "amx_bf16" in f:
-        return "amx"
-    if "avx512f" in f:
-        return "avx512"
-    return "avx2" if "avx2" in f else "other"
 
 
 def describe() -> str:

@@ -23,7 +23,7 @@ from flax import nnx
 
 from benchmarks.cpuinfo import describe
 from dnd_jax.assets import minilm_path
-from dnd_jax.models.encoder import BertConfig, auto_chunk, load_encoder, load_tokenizer, tokenize_prompts
+from dnd_jax.models.encoder import BertConfig, auto_chunk, even_chunk, load_encoder, load_tokenizer, tokenize_prompts
 
 
 def bench(fn, repeats):
@@ -62,8 +62,7 @@ def main() -> None:
 
         t_torch = bench(run_torch, args.repeats)
         want = run_torch().numpy()
-        chunk = auto_chunk(BertConfig(), length)
-        chunk = -(-n // -(-n // chunk)) if chunk and n > chunk else 0  # as the encoder evens it out
+        chunk = even_chunk(n, auto_chunk(BertConfig(), length))
         print(f"{n} prompts x {length} tokens:")
         print(f"  PyTorch BertModel fp32          : {t_torch:8.4f} s  ({n / t_torch:7.1f} prompts/s)  baseline")
         x, m = jnp.asarray(ids), jnp.asarray(mask)

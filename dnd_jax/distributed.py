@@ -76,13 +76,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return True
 
 
-def is_main() -> bool:
-    """Process 0: the one that writes logs, event files and configs."""
-    import jax
-
-    return jax.process_index() == 0
-
-
 def active() -> bool:
     """Whether this process has joined a multi-process JAX runtime (without importing JAX)."""
     if "jax" not in sys.modules:

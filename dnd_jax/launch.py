@@ -74,7 +74,7 @@ def launch(command: list[str], processes: int, cpu_devices: int | None = None, g
     if not command:
         raise DndError("no command to launch (put it after --, e.g. -- python -m dnd_jax.train ...)")
     port = port or free_port()
-    procs = []
+    procs, pumps = [], []
     for i in range(processes):
         args = [*command, "--coordinator", f"127.0.0.1:{port}", "--num_processes", str(processes),
                 "--process_id", str(i)]  # fmt: skip
@@ -88,7 +88,8 @@ def launch(command: list[str], processes: int, cpu_devices: int | None = None, g
                 os.killpg(q.pid, signal.SIGKILL)
             raise DndError(f"cannot start {command[0]!r}: {e.strerror}") from None
         procs.append(p)
-        threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", out), daemon=True).start()
+        pumps.append(threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", out), daemon=True))
+        pumps[-1].start()
         print(f"launch: process {i} pid {p.pid} (coordinator 127.0.0.1:{port})", file=out, flush=True)
 
     def forward(signum, _frame):
@@ -98,34 +99,36 @@ def launch(command: list[str], processes: int, cpu_devices: int | None = None, g
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        first = None  # (process index, status, time)
-        while [p.poll() for p in procs].count(None):  # polls every process (sets returncode)
+        ended: dict[int, float] = {}  # process index -> when it was seen to end
+        first = None  # index of the first process that failed
+        killed: set[int] = set()
+        while len(ended) < len(procs):
             for i, p in enumerate(procs):
-                if first is None and p.returncode not in (None, 0):
-                    first = (i, p.returncode, time.monotonic())
-                    print(f"launch: process {i} failed ({_status(p.returncode)}); waiting up to {grace:g} s for the "
-                          f"others to stop", file=out, flush=True)  # fmt: skip
-            if first is not None and time.monotonic() - first[2] > grace:
+                if i not in ended and p.poll() is not None:
+                    ended[i] = time.monotonic()
+                    if first is None and p.returncode != 0:
+                        first = i
+                        print(f"launch: process {i} failed ({_status(p.returncode)}); waiting up to {grace:g} s "
+                              "for the others to stop", file=out, flush=True)  # fmt: skip
+            if first is not None and time.monotonic() - ended[first] > grace:
                 for i, p in enumerate(procs):
-                    if p.poll() is None:
-                        print(f"launch: killing process {i} (still running {grace:g} s after process {first[0]} "
-                              f"failed)", file=out, flush=True)  # fmt: skip
+                    if i not in ended and i not in killed:
+                        print(f"launch: killing process {i} (still running {grace:g} s after process {first} "
+                              "failed)", file=out, flush=True)  # fmt: skip
                         os.killpg(p.pid, signal.SIGKILL)
+                        killed.add(i)
             time.sleep(0.1)
-        for p in procs:
-            p.wait()
-        time.sleep(0.2)  # let the output threads drain
-        if first is None:
-            bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode]
-            first = (*bad[0], time.monotonic()) if bad else None
+        for t in pumps:  # all output printed before the summary
+            t.join(timeout=5)
         if first is None:
             print(f"launch: all {processes} processes finished", file=out, flush=True)
             return 0
-        others = ", ".join(f"process {i} {_status(p.returncode)} after {time.monotonic() - first[2]:.1f} s"
-                           for i, p in enumerate(procs) if i != first[0])  # fmt: skip
-        print(f"launch: failed: process {first[0]} ended with {_status(first[1])}; then {others or 'none'}",
+        others = ", ".join(f"process {i} {_status(p.returncode)} after {ended[i] - ended[first]:.1f} s"
+                           for i, p in enumerate(procs) if i != first)  # fmt: skip
+        code = procs[first].returncode
+        print(f"launch: failed: process {first} ended with {_status(code)}; then {others or 'none'}",
               file=out, flush=True)  # fmt: skip
-        return first[1] if first[1] > 0 else 2
+        return code if code > 0 else 2
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize(f.coordinator, f.num_processes, f.process_id, f.heartbeat_timeout)
     import jax
 
-    from dnd_jax.trainer import train_and_evaluate
+    from dnd_jax.trainer import exit_if_stopped, train_and_evaluate
 
     print(f"{versions()}; devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
           f"({jax.process_count()} process(es), this is process {jax.process_index()})", file=sys.stderr)  # fmt: skip
@@ -44,10 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         r = train_and_evaluate(f.config, f.workdir)
     if jax.process_index() != 0:
         return 0
-    if r.get("stopped_at") is not None:
-        print(f"stopped by SIGTERM after step {r['stopped_at']}; its checkpoint is in {f.workdir}/checkpoints; "
-              "re-run the same command to resume", file=sys.stderr)  # fmt: skip
-        return 0
+    exit_if_stopped(r, f.workdir)
     start = r.get("heldout_wmse_start")
     print(
         f"held-out weighted MSE: {'' if start is None else f'{start:.5f} at step 0 -> '}"

@@ -71,9 +71,6 @@ def load_data(config) -> Data:
     if d.heldout_dataset in names:
         raise DndError(f"config field data.heldout_dataset: {d.heldout_dataset!r} is also a training dataset")
     sets = {}
-    multi = jax.process_count() > 1
-    if multi and jax.process_index() != 0:  # process 0 prepares first; on a shared filesystem the rest reuse it
-        _barrier("dnd_jax.tokens")
     missing = [n for n in [*names, d.heldout_dataset] if not (Path(d.collection_dir) / n).is_dir()]
     if missing:
         raise DndError(
@@ -83,6 +80,9 @@ def load_data(config) -> Data:
             f"{d.collection_dir} (the SmolLM2 recipe of the :smoke configs), or point data.collection_dir at "
             "existing PEFT checkpoints"
         )
+    multi = jax.process_count() > 1
+    if multi and jax.process_index() != 0:  # process 0 prepares first; on a shared filesystem the rest reuse it
+        _barrier("dnd_jax.tokens")
     for name in [*names, d.heldout_dataset]:
         src = Path(d.collection_dir) / name
         out = prepare_dataset(src, Path(d.token_dir) / name, d.chunk, d.real_length, d.pad)
@@ -310,11 +310,11 @@ def to_host(tree):
 
 
 def exit_if_stopped(result: dict, workdir) -> None:
-    """For commands that train as one stage of several (pipeline, experiment): after a SIGTERM stop, say
-    where to resume and exit 0 instead of going on with an unfinished generator."""
+    """After a SIGTERM stop, says where to resume and exits 0 (train; and pipeline / experiment, which
+    would otherwise go on with an unfinished generator)."""
     if result.get("stopped_at") is not None:
-        print(f"stopped by SIGTERM after training step {result['stopped_at']} (checkpoint in {workdir}); re-run "
-              "the same command to resume", file=sys.stderr)  # fmt: skip
+        print(f"stopped by SIGTERM after step {result['stopped_at']}; its checkpoint is in {workdir}/checkpoints; "
+              "re-run the same command to resume", file=sys.stderr)  # fmt: skip
         raise SystemExit(0)
 
 
@@ -334,17 +334,16 @@ def _global_batch(b: pairs.Batch, batch_sh, global_b: int) -> dict:
 def heldout_batches(data: Data, config) -> list[pairs.Batch]:
     """Fixed held-out monitoring batches: held-out train prompts, held-out checkpoints (spec §5.1)."""
     rng = np.random.default_rng([config.seed, 1_000_003])
-    n, out = data.heldout.tokens.shape[0], []
+    n, out, pool = data.heldout.tokens.shape[0], [], data.heldout_pool
     for _ in range(config.train.eval_batches):
         idx = rng.integers(0, n, size=config.train.batch_size)
-        pool = data.heldout_pool
         sels = [pairs.prompt_indices(pool, config.data.num_texts, rng) for _ in idx]
         toks = np.stack([np.asarray(data.heldout.tokens[i], np.float32) for i in idx])
         if data.offset is not None:
             toks = toks - data.offset
-        cond = None if pool.cache is None else np.stack([pool.hidden(sel) for sel in sels])
-        out.append(pairs.Batch(np.stack([pool.input_ids[s] for s in sels]),
-                               np.stack([pool.attention_mask[s] for s in sels]), toks, cond))  # fmt: skip
+        sel = np.stack(sels)  # [B, N]
+        cond = None if pool.cache is None else pool.hidden(sel.ravel()).reshape(*sel.shape, -1, pool.cache.dim)
+        out.append(pairs.Batch(pool.input_ids[sel], pool.attention_mask[sel], toks, cond))
     return out
 
 
@@ -459,11 +458,13 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
                 bar.set_postfix(loss=f"{float(m['loss']):.4g}", gms=f"{float(m['generated_mean_square']):.3f}")
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 evaluate(done, state["params"])
-            if done % t.checkpoint_every == 0 or done == t.steps:
+            saved = done % t.checkpoint_every == 0 or done == t.steps
+            if saved:
                 ckpt.save(done, state)
             bar.update(1)
             if done != t.steps and stop.requested(done):  # SIGTERM (preemption): save here and leave
-                ckpt.save(done, state, force=True)
+                if not saved:
+                    ckpt.save(done, state, force=True)
                 result["stopped_at"] = done
                 break
         else:

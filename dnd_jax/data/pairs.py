@@ -53,8 +53,7 @@ class HiddenCache:
 
     def __init__(self, encode, dim: int, chunk: int = 32):
         self.encode, self.dim, self.chunk = encode, dim, chunk
-        self.store: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.encoded = 0  # prompts encoded so far (each once)
+        self.store: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # pool -> (hidden [P, L, D], encoded [P])
         self.lock = threading.Lock()
 
     def get(self, pool: PromptPool, sel: np.ndarray) -> np.ndarray:
@@ -70,7 +69,6 @@ class HiddenCache:
                 out = np.asarray(self.encode(pool.input_ids[idx], pool.attention_mask[idx]))
                 hidden[part] = out[: len(part)]
                 have[part] = True
-            self.encoded += len(todo)
             return hidden[sel]
 
 
@@ -131,7 +129,7 @@ class PairSampler:
             d, c = self.index[picks[b]]
             s = self.sets[d]
             pool = self.pools[s.name]
-            sel = np.sort(sample_prompt_batch(pool.input_ids.shape[0], self.num_texts, prompt_rngs[b], s.name))
+            sel = prompt_indices(pool, self.num_texts, prompt_rngs[b])
             ids.append(pool.input_ids[sel])
             masks.append(pool.attention_mask[sel])
             if pool.cache is not None:

@@ -132,9 +132,8 @@ class BertEncoder(nnx.Module):
         ids = input_ids.reshape(-1, seg)
         mask = attention_mask.reshape(-1, seg)
         n = ids.shape[0]
-        chunk = auto_chunk(self.cfg, seg) if chunk is None else chunk
-        if chunk and n > chunk:
-            chunk = -(-n // -(-n // chunk))  # same number of chunks, as even as possible (least padding)
+        chunk = even_chunk(n, auto_chunk(self.cfg, seg) if chunk is None else chunk)
+        if chunk:
             pad = -n % chunk  # padded texts are encoded and dropped
             ids_c = jnp.pad(ids, ((0, pad), (0, 0))).reshape(-1, chunk, seg)
             mask_c = jnp.pad(mask, ((0, pad), (0, 0)), constant_values=1).reshape(-1, chunk, seg)
@@ -178,6 +177,14 @@ def auto_chunk(cfg: BertConfig, length: int) -> int:
     if jax.default_backend() != "cpu":
         return 0
     return max(1, _CHUNK_SCORE_BYTES // (cfg.num_heads * length * length * 4))
+
+
+def even_chunk(n: int, chunk: int) -> int:
+    """The chunk size actually used for n texts: 0 (all at once) when one chunk holds them all, else the
+    same number of chunks as `chunk` gives, made as even as possible (least padding)."""
+    if not chunk or n <= chunk:
+        return 0
+    return -(-n // -(-n // chunk))
 
 
 _MAP = {  # our path -> HF key (relative to a layer for "layer.")

@@ -126,13 +126,19 @@ FFT_THRESHOLDS_OVERRIDE: tuple[float, int] | None = None  # benchmarks set this 
 
 
 @functools.cache
-def cpu_kind() -> str:
-    """'amx', 'avx512' or 'avx2' (also for anything else): the class of CPU the FFT thresholds follow."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's ISA flags (/proc/cpuinfo; empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+            return frozenset(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
     except OSError:
-        flags = []
+        return frozenset()
+
+
+@functools.cache
+def cpu_kind() -> str:
+    """'amx', 'avx512' or 'avx2' (also for anything else): the class of CPU the FFT thresholds follow."""
+    flags = cpu_flags()
     return "amx" if "amx_bf16" in flags else "avx512" if "avx512f" in flags else "avx2"
 
 
