@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import orbax.checkpoint as ocp
+
+TRASH = "deleted"  # subdirectory of the checkpoint root that old checkpoints pass through
 
 
 class Checkpointer:
@@ -16,10 +19,24 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | Path, keep: int = 3):
+        self.directory = Path(directory).absolute()
+        # Old checkpoints are renamed into TRASH (atomic) and emptied from there: a process killed while
+        # deleting one leaves a partial directory in TRASH, never a partial step that looks committed.
+        # Temporary directories of a save cut short by a kill are removed when the manager starts.
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
-        )
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
+                                                 cleanup_tmp_directories=True, todelete_subdir=TRASH),
+        )  # fmt: skip
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        import jax
+
+        trash = self.directory / TRASH
+        if jax.process_index() == 0 and trash.is_dir():
+            for p in trash.iterdir():  # entries only: orbax may be renaming a new one into it meanwhile
+                shutil.rmtree(p, ignore_errors=True)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -29,6 +46,7 @@ class Checkpointer:
 
     def save(self, step: int, state, force: bool = False) -> None:
         """Starts an (async, atomic) save of `state` at `step`."""
+        self._empty_trash()
         self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
     def restore(self, step: int, abstract_state):
@@ -50,3 +68,4 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        self._empty_trash()

@@ -6,7 +6,7 @@ Phase 1 trains a LoRA (AdamW, cosine schedule with warm-up); phase 2 continues f
 constant learning rate and saves a PEFT adapter after every optimizer step:
   <out>/<dataset>/step-000041/ ... step-000064/   (adapter_config.json + adapter_model.safetensors)
   <out>/<dataset>/manifest.json                  (steps, config, base model; "complete" at the end)
-  <out>/<dataset>/resume.pt                       (LoRA + optimizer state of the last finished step)
+  <out>/<dataset>/resume.pt                       (LoRA, optimizer and RNG state of the last finished step)
 Loss is on the response tokens only, with the model's chat template. The data order is a pure
 function of the seed and the step, so a run that is killed and re-run continues from its last
 saved step and ends with the same checkpoints as a run that never stopped. Every file is
@@ -111,7 +111,11 @@ def _save_resume(ds_dir: Path, model, opt, step: int, cfg: dict) -> None:
     import torch
     from peft import get_peft_model_state_dict
 
-    state = {"step": step, "config": cfg, "lora": get_peft_model_state_dict(model), "optimizer": opt.state_dict()}
+    # The RNG states too: with lora.dropout > 0 the dropout masks of the steps after a resume must be the
+    # ones an uninterrupted run draws (the data order needs none: it is a function of seed and step).
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    state = {"step": step, "config": cfg, "lora": get_peft_model_state_dict(model), "optimizer": opt.state_dict(),
+             "rng": rng}  # fmt: skip
     with atomic_file(ds_dir / "resume.pt") as f:
         torch.save(state, f)
 
@@ -132,6 +136,11 @@ def _load_resume(ds_dir: Path, model, opt, cfg: dict) -> int:
     if getattr(result, "unexpected_keys", None):
         raise DndError(f"{path}: resume state does not match the model ({result.unexpected_keys[:2]})")
     opt.load_state_dict(state["optimizer"])
+    if "rng" not in state:
+        raise DndError(f"{path}: resume state has no RNG state (written by an older version); delete it to restart")
+    torch.set_rng_state(state["rng"]["cpu"])
+    if torch.cuda.is_available() and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return int(state["step"])
 
 
@@ -164,7 +173,7 @@ def collect(config, out: str | Path) -> Path:
             return ds_dir
     ds_dir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(ds_dir, "collect"):  # one writer; the leftovers below are then nobody's
-        for leftover in ds_dir.glob(".*.tmp-*"):  # from a run killed while writing
+        for leftover in [*ds_dir.glob(".*.tmp-*"), *ds_dir.glob(".*.old-*")]:  # from a run killed while writing
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
         device = pick_device(config.device)
         model, tok, model_path = load_base(config.model, config.dtype, device)

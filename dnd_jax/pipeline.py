@@ -27,6 +27,7 @@ from pathlib import Path
 
 from dnd_jax.config_cli import parse_or_exit, versions
 from dnd_jax.errors import DndError, run_cli
+from dnd_jax.fileio import atomic_file
 
 STAGES = ("data", "collect", "train", "generate", "evaluate", "report")
 
@@ -62,7 +63,8 @@ class Stages:
         t0 = time.perf_counter()
         out = fn()
         self.times[name] = round(time.perf_counter() - t0, 1)
-        self.path.write_text(json.dumps(self.times, indent=2) + "\n")
+        with atomic_file(self.path, "w") as f:
+            f.write(json.dumps(self.times, indent=2) + "\n")
         return out
 
 
@@ -208,7 +210,6 @@ def mean_baseline_wmse(c) -> dict:
 
 def write_report(c, workdir: Path, times: dict) -> Path:
     """WORKDIR/report.md from the run's own outputs."""
-    from dnd_jax.fileio import atomic_file
     from dnd_jax.models.hyperconv import count_params
     from dnd_jax.trainer import generator_config
 

@@ -32,7 +32,7 @@ from dnd_jax.config_cli import check_same_config, config_dict, save_config
 from dnd_jax.data import pairs
 from dnd_jax.distributed import StopOnSigterm
 from dnd_jax.errors import DndError
-from dnd_jax.fileio import workdir_lock
+from dnd_jax.fileio import atomic_file, workdir_lock
 from dnd_jax.models.hyperconv import GeneratorConfig, HyperConvDecoder, layer_flops
 
 
@@ -260,6 +260,16 @@ def _tree_shardings(tree, param_sh, rep):
     return jax.tree.map(lambda x: param_sh if is_params(x) else rep, tree, is_leaf=is_params)
 
 
+def _logged_step(line: str, start: int) -> int | None:
+    """The step of a metrics.jsonl row to keep on resuming from `start` (rows up to it; none when starting
+    over), None for a row to drop (later, or a partial line left by a kill)."""
+    try:
+        step = int(json.loads(line)["step"]) if line.endswith("\n") else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return step if step is not None and 0 < start and step <= start else None
+
+
 class Writer:
     """TensorBoard event files plus metrics.jsonl in the workdir, written by process 0 only.
 
@@ -267,7 +277,9 @@ class Writer:
     files are ordinary TensorBoard event files (`tensorboard --logdir <workdir>/tensorboard`).
     """
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, start: int = 0):
+        """`start`: the step training resumes from; rows logged after it by a killed run are dropped (from
+        metrics.jsonl, and hidden in TensorBoard by a purge marker), so the logs read as one run."""
         self.active = jax.process_index() == 0
         self.tb = None
         if not self.active:
@@ -275,10 +287,15 @@ class Writer:
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1 if start else None)
         except ImportError:
             print("warning: tensorboardX is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
-        self.jsonl = (workdir / "metrics.jsonl").open("a")
+        path = workdir / "metrics.jsonl"
+        if path.is_file():
+            keep = [ln for ln in path.read_text().splitlines(keepends=True) if _logged_step(ln, start) is not None]
+            with atomic_file(path, "w") as f:
+                f.writelines(keep)
+        self.jsonl = path.open("a")
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -422,7 +439,7 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
     n_proc, pid = jax.process_count(), jax.process_index()
     lo, hi = pid * t.batch_size // n_proc, (pid + 1) * t.batch_size // n_proc
     eval_batches = heldout_batches(data, config)
-    writer = Writer(workdir)
+    writer = Writer(workdir, start)
     flops = 3 * layer_flops(gen) * t.batch_size  # forward + backward ~ 3x forward
 
     def evaluate(step: int, params) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,16 +32,24 @@ def write_suite(root: Path) -> Path:
     return root
 
 
+def demo_smoke_cmd(work: Path, data: Path) -> list[str]:
+    """configs/demo.py:smoke on the suite of `write_suite`, shrunk further."""
+    return [sys.executable, "-m", "dnd_jax.pipeline", "--config", str(REPO / "configs/demo.py:smoke"),
+            f"--workdir={work}", f"--config.data.prompts_dir={data}", "--config.data.train_datasets=('t1','t2')",
+            "--config.data.heldout_dataset=held", "--config.data.num_texts=4", "--config.data.max_text_length=16",
+            "--config.model.features=((4,16,384),(8,8,96),(16,10,66),(4770,10,66))",
+            "--config.train.progress=False"]  # fmt: skip
+
+
 def test_demo_smoke_pipeline_end_to_end_and_resume(tmp_path):
     data = write_suite(tmp_path / "data")
     work = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dnd_jax.pipeline", "--config", str(REPO / "configs/demo.py:smoke"),
-           f"--workdir={work}", f"--config.data.prompts_dir={data}", "--config.data.train_datasets=('t1','t2')",
-           "--config.data.heldout_dataset=held", "--config.data.num_texts=4", "--config.data.max_text_length=16",
-           "--config.model.features=((4,16,384),(8,8,96),(16,10,66),(4770,10,66))",
-           "--config.train.progress=False"]  # fmt: skip
+    cmd = demo_smoke_cmd(work, data)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user's machine
     env["PYTHONPATH"] = str(REPO)
+    # compiled once, reused by the re-runs of the kill trials
+    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (work / "report.md").read_text()
@@ -58,6 +67,61 @@ def test_demo_smoke_pipeline_end_to_end_and_resume(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("up to date") >= 4
     assert json.loads((work / "eval" / "results.json").read_text()) == res
+    _kill_trials(cmd, env, work, tmp_path)
+
+
+def _stable(report: str, workdir: Path) -> str:
+    """The report less what legitimately differs between two runs: wall times and the workdir's name."""
+    report = report.split("## Wall time per stage")[0].replace(f"runs/{workdir.name}`", "runs/WORKDIR`")
+    return re.sub(r"[0-9.]+ s per adapter", "T s per adapter", report)
+
+
+def _kill_trials(cmd: list[str], env: dict, reference: Path, tmp_path: Path) -> None:
+    """SIGKILL the same pipeline at 10 seeded random moments, spread over its stages (tests/kill_trials_test.py
+    has the same for `train` and `collect` alone); each re-run resumes or skips each stage, and the last one
+    ends with the reference run's results and report."""
+    from tests.kill_trials_test import SEED, Moment, _adapters, kill_chain
+
+    work = tmp_path / "killed"
+    cmd = [a.replace(f"--workdir={reference}", f"--workdir={work}") for a in cmd]
+    rng = np.random.default_rng(SEED + 2)
+
+    stages = ("collect", "train", "generate", "evaluate")
+
+    def after(stage):  # log lines that mean `stage` is over: kill at once instead of waiting
+        later = stages[stages.index(stage) + 1 :]
+        return (f"[{stage}] up to date", *(f"[{s}] running" for s in later), "[pipeline] this run took")
+
+    u = lambda hi: float(rng.uniform(0, hi))  # noqa: E731
+    moments = [Moment(float(rng.uniform(0.5, 3.0))),  # start-up
+               Moment(0, "collect/t1/.step-*.tmp-*", during=True, sooner=after("collect")),
+               Moment(u(1.0), "collect/t2/step-000002", sooner=after("collect")),
+               Moment(0, "collect/held/.resume.pt.tmp-*", during=True, sooner=after("collect")),
+               Moment(u(1.0), "tokens/t1", sooner=after("train")),
+               Moment(0, "train/checkpoints/2.orbax-checkpoint-tmp*", during=True, sooner=after("train")),
+               Moment(u(2.0), "log:[generate] running", sooner=after("generate")),
+               Moment(0, ".generated.tmp-*", during=True, sooner=after("generate")),
+               Moment(0, "baselines/.control.tmp-*", during=True, sooner=after("evaluate")),
+               Moment(u(6.0), "log:[evaluate] running", sooner=after("evaluate"))]  # fmt: skip
+
+    def check():
+        for p in [*work.glob("stages.json"), *work.glob("*/results.json"), *work.glob("*/generation.json"),
+                  *work.glob("collect/*/manifest.json")]:  # fmt: skip
+            json.loads(p.read_text())  # a committed JSON file is whole
+        for ds in work.glob("collect/*"):
+            _adapters(ds) if list(ds.glob("step-*")) else None
+
+    outcomes = kill_chain(cmd, env, work, moments, check, tmp_path)
+    print("\n".join(outcomes))
+    assert sum("killed" in o for o in outcomes) >= 10, outcomes
+    timing = ("seconds_per_call", "compile_s", "seconds_per_adapter")
+    for name in ("eval/results.json", "generated/generation.json"):
+        got = json.loads((work / name).read_text().replace(str(work), str(reference)))  # paths in the rows
+        want = json.loads((reference / name).read_text())
+        assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in want.items() if k not in timing}
+    for a in sorted((reference / "generated").glob("adapter-*/*.safetensors")):  # the same bytes
+        assert (work / a.relative_to(reference)).read_bytes() == a.read_bytes()
+    assert _stable((work / "report.md").read_text(), work) == _stable((reference / "report.md").read_text(), reference)
 
 
 def test_bigbench_records_from_task_json():
