@@ -15,7 +15,7 @@ import transformers
 from flax import nnx
 
 from converters import safetensors_io
-from dnd_jax import extractors, trainer
+from dnd_jax import extractors, generate, trainer
 from dnd_jax.assets import MINILM_L6, SMOLLM2, minilm_path, smollm2_path
 from dnd_jax.errors import DndError
 from dnd_jax.models.decoder_lm import DecoderConfig, DecoderLM
@@ -161,6 +161,10 @@ def test_smoke_training_per_extractor_type(exp, tmp_path, kind, width):
     assert c.encoder.type == kind and c.model.features[0][2] == width
     out = trainer.train_and_evaluate(c, tmp_path / kind)
     assert out["traces"] == 1 and np.isfinite(out["last_metrics"]["loss"])
+    if kind != "sentence_bert":  # generation loads the run's extractor too (sentence_bert: tests/generate_test.py)
+        gen = generate.generate(tmp_path / kind, exp / "prompts" / "gamma_test.json", tmp_path / "gen", num_adapters=1,
+                                repeats=0)  # fmt: skip
+        assert (gen["adapters"][0] / "adapter_model.safetensors").is_file()
     bad = _smoke_config(kind, exp, **{"model.features": ((4, 16, 100), (8, 8, 34), (87, 10, 34))})
     with pytest.raises(DndError, match=f"encoder hidden size {width} != model.features\\[0\\]\\[2\\] 100"):
         trainer.train_and_evaluate(bad, tmp_path / f"{kind}-bad")
