@@ -10,7 +10,8 @@ the generator's first layer to its extractor's output (model.features[0] = (num_
                word-piece embeddings without context, [UNK] -> ones, zero padding.
   sentence_bert  the default (configs/arc_c.py), for the same-run comparison.
 
-All three of the paper's arms ran 3000 steps. The paper's decoder_lm needs a local Qwen2.5-7B-Instruct
+decoder_lm and static have no dropout (encoder.train_dropout changes nothing). All three of the paper's
+arms ran 3000 steps. The paper's decoder_lm needs a local Qwen2.5-7B-Instruct
 folder (--config.encoder.path=DIR); none can be had offline here.
 
   python -m dnd_jax.train --config configs/ablations/extractors.py:decoder_lm,smoke --workdir runs/train/ext_decoder_lm
