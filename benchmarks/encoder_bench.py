@@ -23,7 +23,8 @@ from flax import nnx
 
 from benchmarks.cpuinfo import describe
 from dnd_jax.assets import minilm_path
-from dnd_jax.models.encoder import BertConfig, auto_chunk, even_chunk, load_encoder, load_tokenizer, tokenize_prompts
+from dnd_jax.extractors import load_bert, load_tokenizer
+from dnd_jax.models.encoder import BertConfig, auto_chunk, even_chunk, tokenize_prompts
 
 
 def bench(fn, repeats):
@@ -46,7 +47,7 @@ def main() -> None:
     ref = transformers.BertModel.from_pretrained(path).eval()
     print(f"{describe()}; JAX {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); all-MiniLM-L6-v2")  # fmt: skip
-    encoders = {name: nnx.split(load_encoder(path, dtype=dt)) for name, dt in (("fp32", jnp.float32),
+    encoders = {name: nnx.split(load_bert(path, dtype=dt)) for name, dt in (("fp32", jnp.float32),
                                                                                 ("bf16", jnp.bfloat16))}  # fmt: skip
     for size in args.sizes.split(","):
         n, length = (int(v) for v in size.split("x"))

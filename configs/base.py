@@ -59,8 +59,14 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     c.data.max_text_length = 384
 
     c.encoder = ml_collections.ConfigDict()
-    # Sentence-BERT checkpoint: a built-in name (dnd_jax/assets.py) or a local directory.
+    # Prompt extractor (dnd_jax/extractors.py): "sentence_bert" (the paper's), "decoder_lm" (hidden states of a
+    # Llama/Qwen2 LM, the Qwen2.5-7B ablation) or "static" (context-free word vectors, the GloVe ablation);
+    # configs/ablations/extractors.py sets the others up.
+    c.encoder.type = "sentence_bert"
+    # Its checkpoint: a built-in name (dnd_jax/assets.py) or a local directory.
     c.encoder.path = "models/all-MiniLM-L12-v2"
+    # decoder_lm only: decoder layers run (0: round(15/28 of the model's layers), the paper's 15 of Qwen2.5-7B's 28).
+    c.encoder.num_layers = 0
     # Encoder compute dtype (the original runs it under bf16 autocast).
     c.encoder.dtype = "bfloat16"
     # Dropout in the frozen encoder during training (the original's train-mode behaviour).

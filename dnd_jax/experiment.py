@@ -178,12 +178,11 @@ def prompt_embeddings(c, names: list[str], n: int = 64) -> dict[str, dict[str, n
     first `n` prompts of each split (the space the generator's conditions come from)."""
     import jax.numpy as jnp
 
-    from dnd_jax.assets import resolve_model
     from dnd_jax.data.prompts import load_split
-    from dnd_jax.models.encoder import load_encoder, load_tokenizer, mean_pool, tokenize_prompts
+    from dnd_jax.extractors import load_extractor
+    from dnd_jax.models.encoder import mean_pool, tokenize_prompts
 
-    path = resolve_model(c.encoder.path)
-    enc, tok = load_encoder(path, dtype=jnp.float32), load_tokenizer(path)
+    enc, tok = load_extractor(c.encoder, dtype=jnp.float32)
     out = {}
     for name in names:
         out[name] = {}
@@ -233,21 +232,19 @@ def generate_fold(train_dir: Path, heldout: list[str], c, out_root: Path, offset
     from flax import nnx
 
     from converters.jax_to_peft import save_peft_adapter, select_row
-    from dnd_jax.assets import resolve_model
     from dnd_jax.data import pairs
     from dnd_jax.data.prepare import open_token_set
     from dnd_jax.data.prompts import load_split
+    from dnd_jax.extractors import load_extractor
     from dnd_jax.fileio import atomic_dir
     from dnd_jax.generate import load_run, make_generate_fn
-    from dnd_jax.models.encoder import load_encoder, load_tokenizer
 
     config, graphdef, params, step = load_run(train_dir)
     if a_from_offset:
         config.data.loss_tokens = "b"
     template = open_token_set(Path(c.data.token_dir) / config.data.train_datasets[0])
-    enc_path = resolve_model(config.encoder.path)
-    enc_graphdef, enc_state = nnx.split(load_encoder(enc_path, dtype=jnp.dtype(config.encoder.dtype)))
-    tok = load_tokenizer(enc_path)
+    encoder, tok = load_extractor(config.encoder)
+    enc_graphdef, enc_state = nnx.split(encoder)
     residual = bool(config.data.get("target_offset", ""))  # how the generator was trained
     if a_from_offset and offset_path is None:
         raise DndError("A tokens from the fold mean need its mean tokens (folds.json mean_tokens)")

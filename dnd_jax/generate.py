@@ -100,13 +100,12 @@ def generate(workdir, prompts_file, out, num_adapters: int | None = None, step: 
       {"adapters": [paths], "step", "seconds_per_call", "seconds_per_adapter", "compile_s"}.
     """
     from converters.jax_to_peft import save_peft_adapter, select_row
-    from dnd_jax.assets import resolve_model
     from dnd_jax.data import pairs
     from dnd_jax.data.prepare import open_token_set
     from dnd_jax.data.prompts import load_prompts_file
+    from dnd_jax.extractors import load_extractor
     from dnd_jax.fileio import atomic_dir
-    from dnd_jax.models.encoder import load_encoder, load_tokenizer
-    from dnd_jax.trainer import load_target_offset
+    from dnd_jax.trainer import check_width, load_target_offset
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -118,9 +117,9 @@ def generate(workdir, prompts_file, out, num_adapters: int | None = None, step: 
     if len(prompts) < config.data.num_texts:
         raise DndError(f"{prompts_file}: {len(prompts)} prompts, fewer than num_texts={config.data.num_texts}")
     template = open_token_set(Path(config.data.token_dir) / config.data.train_datasets[0])
-    enc_path = resolve_model(config.encoder.path)
-    encoder = load_encoder(enc_path, dtype=jnp.dtype(config.encoder.dtype))
-    pool = pairs.tokenize_pool(load_tokenizer(enc_path), str(prompts_file), prompts, config.data.max_text_length)
+    encoder, tok = load_extractor(config.encoder)
+    check_width(config, encoder)
+    pool = pairs.tokenize_pool(tok, str(prompts_file), prompts, config.data.max_text_length)
     rng = np.random.default_rng([seed, 7])
     ids, masks = zip(*[pairs.prompt_batch(pool, config.data.num_texts, rng) for _ in range(k)], strict=True)
     enc_graphdef, enc_state = nnx.split(encoder)

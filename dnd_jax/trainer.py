@@ -5,8 +5,9 @@ can get wrong (paths, token shapes against the generator config, batch against t
 checked before anything is compiled.
 
 Legend: B batch, N prompts per sample, L text length, D encoder hidden, T parameter tokens,
-R/K token rows/columns. The step: prompts [B, N, L] -> frozen BERT (dropout as the original,
-keyed by the step) -> condition [B, N, L, D] + 1e-4 noise -> generator -> tokens [B, T, R, K];
+R/K token rows/columns. The step: prompts [B, N, L] -> frozen extractor (encoder.type: BERT by
+default, with dropout as the original, keyed by the step; dnd_jax/extractors.py) -> condition
+[B, N, L, D] + 1e-4 noise -> generator -> tokens [B, T, R, K];
 loss = mean over valid entries of w_t (pred - (target + 1e-5 noise))^2 (spec §5.2).
 """
 
@@ -61,10 +62,9 @@ def generator_config(config) -> GeneratorConfig:
 
 def load_data(config) -> Data:
     """Prepares (or reuses) the token store, loads prompts and the encoder, checks every shape."""
-    from dnd_jax.assets import resolve_model
     from dnd_jax.data.prepare import check_same_init, mean_criterion_weight, open_token_set, prepare_dataset
     from dnd_jax.data.prompts import load_split
-    from dnd_jax.models.encoder import load_encoder, load_tokenizer
+    from dnd_jax.extractors import load_extractor
 
     d, gen = config.data, generator_config(config)
     names = list(d.train_datasets)
@@ -93,15 +93,12 @@ def load_data(config) -> Data:
                            f"{list(gen.features[-1])} (set it to the data's shape, or data.chunk)")  # fmt: skip
     if multi and jax.process_index() == 0:
         _barrier("dnd_jax.tokens")
-    n, length, dim = gen.features[0]
+    n, length = gen.features[0][:2]
     if d.num_texts != n or d.max_text_length != length:
         raise DndError(f"config: data.num_texts/max_text_length ({d.num_texts}, {d.max_text_length}) differ from "
                        f"model.features[0][:2] {[n, length]}")  # fmt: skip
-    enc_path = resolve_model(config.encoder.path)
-    encoder = load_encoder(enc_path, dtype=jnp.dtype(config.encoder.dtype))
-    if encoder.cfg.hidden_size != dim:
-        raise DndError(f"{enc_path}: encoder hidden size {encoder.cfg.hidden_size} != model.features[0][2] {dim}")
-    tok = load_tokenizer(enc_path)
+    encoder, tok = load_extractor(config.encoder)
+    check_width(config, encoder)
     pools = {
         name: pairs.tokenize_pool(tok, name, [r["prompt"] for r in load_split(d.prompts_dir, f"{name}_train", False)],
                                   d.max_text_length)
@@ -119,6 +116,15 @@ def load_data(config) -> Data:
         weight = weight * b_token_mask(train_sets[0].layout)
     return Data(train_sets, sets[d.heldout_dataset], weight, sampler, pools[d.heldout_dataset], encoder,
                 train_sets[0].layout, offset, cache)  # fmt: skip
+
+
+def check_width(config, encoder) -> None:
+    """The generator's first layer takes the extractor's width: model.features[0][2] == its hidden size."""
+    e, dim = config.encoder, config.model.features[0][2]
+    if encoder.cfg.hidden_size != dim:
+        raise DndError(f"{e.path} (encoder.type {e.get('type', 'sentence_bert')}): encoder hidden size "
+                       f"{encoder.cfg.hidden_size} != model.features[0][2] {dim}; set the generator's first-layer "
+                       "width to the extractor's")  # fmt: skip
 
 
 def attach_cache(config, encoder, pools) -> pairs.HiddenCache:
@@ -202,7 +208,7 @@ def make_init_state(config):
 def _encode(enc_graphdef, enc_state, ids_bnl, mask_bnl, key, mask_padding):
     encoder = nnx.merge(enc_graphdef, enc_state)
     cond = encoder(ids_bnl, mask_bnl, key=key, mask_padding=mask_padding)
-    return jax.lax.stop_gradient(cond).astype(jnp.float32)  # frozen: no gradient reaches BERT
+    return jax.lax.stop_gradient(cond).astype(jnp.float32)  # frozen: no gradient reaches the extractor
 
 
 def weighted_mse(pred_btrk, target_btrk, weight_t):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from dnd_jax import extractors
 from dnd_jax.assets import minilm_path, smollm2_path
 from dnd_jax.data.prompts import sample_prompt_batch
 from dnd_jax.errors import DndError
@@ -45,7 +46,7 @@ LONG = [" ".join(PROMPTS) * 2, " ".join(reversed(PROMPTS)) * 3]  # > 384 tokens:
 @pytest.fixture(scope="module")
 def minilm():
     path = minilm_path()
-    return path, enc_lib.load_encoder(path), enc_lib.load_tokenizer(path)
+    return path, extractors.load_bert(path), extractors.load_tokenizer(path)
 
 
 def test_matches_pytorch_bert_last_hidden_state(minilm):
@@ -101,7 +102,7 @@ def test_batched_conditions_dropout_and_padding_mask(minilm):
     assert np.abs(np.asarray(d1) - np.asarray(flat)).max() > 1e-2  # dropout is on
     masked = np.asarray(enc(ids, mask, mask_padding=True))
     assert np.all(masked[mask == 0] == 0) and np.abs(np.asarray(flat)[mask == 0]).max() > 0
-    bf16 = enc_lib.load_encoder(minilm_path(), dtype=jnp.bfloat16)
+    bf16 = extractors.load_bert(minilm_path(), dtype=jnp.bfloat16)
     out = bf16(ids, mask)
     assert out.dtype == jnp.bfloat16 and np.abs(np.asarray(out, np.float32) - np.asarray(flat)).max() < 0.3
 
@@ -116,18 +117,18 @@ def test_long_texts_are_encoded_in_512_segments(minilm):
 
 def test_not_bert_or_missing_tokenizer_is_clear_error(tmp_path):
     with pytest.raises(DndError, match="model_type 'llama' is not BERT"):
-        enc_lib.load_encoder(smollm2_path())
+        extractors.load_bert(smollm2_path())
     broken = tmp_path / "minilm"
     shutil.copytree(minilm_path(), broken)
     (broken / "tokenizer.json").unlink()
     (broken / "vocab.txt").unlink()
     with pytest.raises(DndError, match="no tokenizer file"):
-        enc_lib.load_tokenizer(broken)
+        extractors.load_tokenizer(broken)
     cfg = json.loads((broken / "config.json").read_text())
     cfg["hidden_size"] = 256
     (broken / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(DndError, match=r"has shape \[30522, 384\], expected \[30522, 256\]"):
-        enc_lib.load_encoder(broken)
+        extractors.load_bert(broken)
 
 
 def test_prompt_sampling_is_seeded_and_without_replacement():

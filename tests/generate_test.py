@@ -22,7 +22,7 @@ from dnd_jax import generate, lora_tokens, trainer
 from dnd_jax.data import pairs
 from dnd_jax.data.prepare import open_token_set
 from dnd_jax.errors import DndError
-from dnd_jax.models.encoder import load_tokenizer
+from dnd_jax.extractors import load_tokenizer
 from tests.lora_fixtures import base_model
 from tests.train_fixtures import NAMES, make_experiment, tiny_config
 
@@ -78,13 +78,13 @@ def test_generated_weights_match_numpy_decoding(trained, tmp_path):
     config, graphdef, params, _ = generate.load_run(wd)
     data_layout = open_token_set(exp / "tokens" / NAMES[0]).layout
     from dnd_jax.assets import resolve_model
-    from dnd_jax.models.encoder import load_encoder
+    from dnd_jax.extractors import load_bert
 
     enc_dir = resolve_model(config.encoder.path)
     pool = pairs.tokenize_pool(load_tokenizer(enc_dir), "p", [
         rec["prompt"] for rec in json.loads((exp / "prompts" / f"{NAMES[2]}_test.json").read_text())], 16)  # fmt: skip
     ids, mask = pairs.prompt_batch(pool, 4, np.random.default_rng([config.seed, 7]))
-    cond = load_encoder(enc_dir)(ids[None], mask[None])
+    cond = load_bert(enc_dir)(ids[None], mask[None])
     tokens = np.asarray(nnx.merge(graphdef, params)(cond), np.float64)
     expect = lora_tokens.detokenize(tokens[0], data_layout)
     saved, _ = load_safetensors(r["adapters"][0] / "adapter_model.safetensors")

@@ -116,7 +116,7 @@ def test_generator_learns_a_prompt_rule_that_transfers_to_held_out_tasks(tmp_pat
     fn = make_generate_fn(c, graphdef, enc_graphdef, data.layout, detokenize=False)
     b_mask = trainer.b_token_mask(data.layout).astype(bool)
     from dnd_jax.assets import resolve_model
-    from dnd_jax.models.encoder import load_tokenizer
+    from dnd_jax.extractors import load_tokenizer
 
     tok = load_tokenizer(resolve_model(c.encoder.path))
     for task in held:

@@ -1,1 +1,2 @@
-"""Flax NNX models: the frozen prompt encoder and the hyper-convolutional generator."""
+"""Flax NNX models, math only: the frozen prompt extractors (encoder: BERT, decoder_lm: Llama/Qwen2, static: word
+vectors; dnd_jax/extractors.py loads them) and the hyper-convolutional generator."""

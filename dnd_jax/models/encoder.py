@@ -1,4 +1,4 @@
-"""Frozen prompt encoder: a BERT (Sentence-BERT backbone) in Flax NNX, loaded from a local checkpoint.
+"""Frozen prompt encoder: a BERT (Sentence-BERT backbone) in Flax NNX; math only (dnd_jax/extractors.py loads it).
 
 Legend: B batch, N prompts per sample, L text length (max_text_length), D hidden (384 for MiniLM).
 
@@ -9,20 +9,21 @@ original DnD, the condition is the token-level last hidden state with no pooling
 positions included unless `mask_padding` is set; texts longer than the position table are cut
 into independent 512-token segments (spec §3.4). Dropout is explicit: pass a PRNG key to get the
 original's "dropout on during training" behaviour, None for deterministic.
+
+Every extractor (this one, models/decoder_lm.py, models/static.py) has the same call,
+`module(input_ids [..., L], attention_mask [..., L], key=None, mask_padding=False) -> [..., L, D]`,
+and `module.cfg.hidden_size` = D; `encode_in_chunks` and `tokenize_prompts` are shared by all of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from converters import safetensors_io
 from dnd_jax.errors import DndError
 
 
@@ -131,20 +132,8 @@ class BertEncoder(nnx.Module):
             raise DndError(f"text length {length} must be at most {self.cfg.max_position} or a multiple of it")
         ids = input_ids.reshape(-1, seg)
         mask = attention_mask.reshape(-1, seg)
-        n = ids.shape[0]
-        chunk = even_chunk(n, auto_chunk(self.cfg, seg) if chunk is None else chunk)
-        if chunk:
-            pad = -n % chunk  # padded texts are encoded and dropped
-            ids_c = jnp.pad(ids, ((0, pad), (0, 0))).reshape(-1, chunk, seg)
-            mask_c = jnp.pad(mask, ((0, pad), (0, 0)), constant_values=1).reshape(-1, chunk, seg)
-            if key is None:
-                x = jax.lax.map(lambda a: self._encode(a[0], a[1], None), (ids_c, mask_c))
-            else:
-                keys = jax.random.split(key, ids_c.shape[0])
-                x = jax.lax.map(lambda a: self._encode(*a), (ids_c, mask_c, keys))
-            x = x.reshape(-1, seg, self.cfg.hidden_size)[:n]
-        else:
-            x = self._encode(ids, mask, key)
+        chunk = auto_chunk(self.cfg, seg) if chunk is None else chunk
+        x = encode_in_chunks(self._encode, ids, mask, key, chunk)
         if mask_padding:
             x = x * mask[..., None].astype(x.dtype)
         return x.reshape(*lead, length, self.cfg.hidden_size)
@@ -171,7 +160,7 @@ class BertEncoder(nnx.Module):
 _CHUNK_SCORE_BYTES = 1 << 20
 
 
-def auto_chunk(cfg: BertConfig, length: int) -> int:
+def auto_chunk(cfg, length: int) -> int:
     """Texts per chunk: on CPU as many as keep one chunk's attention scores under 1 MiB (at least 1);
     0 (all at once) on GPU/TPU, whose attention kernels need no help."""
     if jax.default_backend() != "cpu":
@@ -187,84 +176,29 @@ def even_chunk(n: int, chunk: int) -> int:
     return -(-n // -(-n // chunk))
 
 
-_MAP = {  # our path -> HF key (relative to a layer for "layer.")
-    "word": "embeddings.word_embeddings", "position": "embeddings.position_embeddings",
-    "token_type": "embeddings.token_type_embeddings", "emb_norm": "embeddings.LayerNorm",
-    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-    "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
-    "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm",
-}  # fmt: skip
+def encode_in_chunks(encode, ids_sl, mask_sl, key, chunk: int):
+    """`encode(ids [C, L], mask [C, L], key) -> [C, L, D]` over S texts, `chunk` texts at a time (lax.map).
 
+    The chunk size is made even (`even_chunk`); 0, or a chunk holding all texts, encodes them at once.
+    Texts padding the last chunk (mask all ones) are encoded and dropped; with a key each chunk draws
+    from its own key.
 
-def _read_weights(path: Path) -> dict[str, np.ndarray]:
-    if (path / "model.safetensors").is_file():
-        sd, _ = safetensors_io.load(path / "model.safetensors")
-    elif (path / "pytorch_model.bin").is_file():
-        from converters.peft_to_jax import read_state_dict
-
-        sd, _ = read_state_dict(path / "pytorch_model.bin")
-    else:
-        raise DndError(f"{path}: no model.safetensors or pytorch_model.bin")
-    out = {}
-    for k, v in sd.items():
-        k = k.removeprefix("bert.").removeprefix("0.auto_model.")
-        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        out[k] = v
-    return out
-
-
-def load_encoder(path: str | Path, dtype=jnp.float32) -> BertEncoder:
-    """Loads a local BERT-family checkpoint directory (HF or sentence-transformers) into BertEncoder.
-
-    Args:
-      path: directory with config.json and model.safetensors (or pytorch_model.bin).
-      dtype: compute dtype (parameters stay float32).
+    Returns:
+      [S, L, D].
     """
-    path = Path(path)
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise DndError(f"{path}: no config.json; not a model directory")
-    cfg = BertConfig.from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
-    sd = _read_weights(path)
-    model = BertEncoder(cfg, dtype=dtype, rngs=nnx.Rngs(0))
-
-    def take(key: str, shape) -> jnp.ndarray:
-        if key not in sd:
-            raise DndError(f"{path}: weight {key!r} missing; not a BERT checkpoint")
-        v = np.asarray(sd[key], np.float32)
-        if v.shape != tuple(shape):
-            raise DndError(f"{path}: weight {key!r} has shape {list(v.shape)}, expected {list(shape)}")
-        return jnp.asarray(v)
-
-    def fill(mod, hf: str):
-        if isinstance(mod, nnx.Embed):
-            mod.embedding[...] = take(f"{hf}.weight", mod.embedding.shape)
-        elif isinstance(mod, nnx.LayerNorm):
-            mod.scale[...] = take(f"{hf}.weight", mod.scale.shape)
-            mod.bias[...] = take(f"{hf}.bias", mod.bias.shape)
-        else:  # Linear: torch [out, in] -> kernel [in, out]
-            mod.kernel[...] = take(f"{hf}.weight", mod.kernel.shape[::-1]).T
-            mod.bias[...] = take(f"{hf}.bias", mod.bias.shape)
-
-    for name in ("word", "position", "token_type", "emb_norm"):
-        fill(getattr(model, name), _MAP[name])
-    for i, layer in enumerate(model.layers):
-        for name in ("query", "key", "value", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm"):
-            fill(getattr(layer, name), f"encoder.layer.{i}.{_MAP[name]}")
-    return model
-
-
-def load_tokenizer(path: str | Path):
-    """The checkpoint's own fast tokenizer; a missing tokenizer file is a clear error."""
-    import transformers
-
-    path = Path(path)
-    if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
-        raise DndError(f"{path}: no tokenizer file (tokenizer.json or vocab.txt)")
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path, use_fast=True)
-    except (OSError, ValueError) as e:
-        raise DndError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    n, length = ids_sl.shape
+    chunk = even_chunk(n, chunk)
+    if not chunk:
+        return encode(ids_sl, mask_sl, key)
+    pad = -n % chunk
+    ids_c = jnp.pad(ids_sl, ((0, pad), (0, 0))).reshape(-1, chunk, length)
+    mask_c = jnp.pad(mask_sl, ((0, pad), (0, 0)), constant_values=1).reshape(-1, chunk, length)
+    if key is None:
+        x = jax.lax.map(lambda a: encode(a[0], a[1], None), (ids_c, mask_c))
+    else:
+        keys = jax.random.split(key, ids_c.shape[0])
+        x = jax.lax.map(lambda a: encode(*a), (ids_c, mask_c, keys))
+    return x.reshape(-1, *x.shape[2:])[:n]
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
