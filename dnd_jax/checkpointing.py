@@ -2,10 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
+import sys
 from pathlib import Path
 
 import orbax.checkpoint as ocp
+
+from dnd_jax.errors import DISK_FULL_ADVICE, DndError, disk_full
+
+
+class _NotOrbax(logging.Filter):
+    """orbax logs through absl; its warnings and the errors of its background threads (which it also raises
+    to the caller, where they are reported) are dropped from the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "/orbax/" not in record.pathname or record.levelno >= logging.CRITICAL
+
+
+logging.getLogger("absl").addFilter(_NotOrbax())
+
+
+def _quiet_closed_loop(hook):
+    """After an async save fails, orbax closes its event loop while tensorstore still completes writes on
+    its own threads; each completion reports "RuntimeError: Event loop is closed" as an unraisable
+    exception. Those (and only those) are dropped: the failure itself reaches the caller."""
+
+    def filtered(u):
+        if not (u.exc_type is RuntimeError and str(u.exc_value) == "Event loop is closed"):
+            hook(u)
+
+    return filtered
+
+
+sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
 
 TRASH = "deleted"  # subdirectory of the checkpoint root that old checkpoints pass through
 
@@ -47,7 +78,23 @@ class Checkpointer:
     def save(self, step: int, state, force: bool = False) -> None:
         """Starts an (async, atomic) save of `state` at `step`."""
         self._empty_trash()
-        self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        with self._disk_full_is_one_line():
+            self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    @contextlib.contextmanager
+    def _disk_full_is_one_line(self):
+        """A save that failed for want of space (raised here or, for an async save, at the next save or
+        wait) becomes a DndError naming the directory and the checkpoint a re-run resumes from."""
+        try:
+            yield
+        except Exception as e:
+            if not disk_full(e):
+                raise
+            steps = list(self.manager.all_steps())
+            last = f"step {max(steps)}" if steps else "the start"
+            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):  # the failed save's partial files
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise DndError(f"{self.directory}: checkpoint not written: {DISK_FULL_ADVICE} (from {last})") from None
 
     def restore(self, step: int, abstract_state):
         """Restores `step` into the shapes, dtypes and shardings of `abstract_state`."""
@@ -63,9 +110,11 @@ class Checkpointer:
         return self.restore(step, target)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_full_is_one_line():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_full_is_one_line():
+            self.manager.wait_until_finished()
         self.manager.close()
         self._empty_trash()

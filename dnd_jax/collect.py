@@ -144,6 +144,24 @@ def _load_resume(ds_dir: Path, model, opt, cfg: dict) -> int:
     return int(state["step"])
 
 
+def validate_config(config) -> None:
+    """Impossible values of a collection config, each a one-line error naming the field."""
+    checks = [("max_samples", 1), ("cutoff_len", 1), ("lora.r", 1), ("lora.alpha", 0), ("phase1.steps", 0),
+              ("phase1.batch_size", 1), ("phase1.grad_accum", 1), ("phase1.lr", 0), ("phase1.weight_decay", 0),
+              ("phase1.warmup_ratio", 0), ("phase2.steps", 1), ("phase2.batch_size", 1), ("phase2.grad_accum", 1),
+              ("phase2.lr", 0)]  # fmt: skip
+    for name, low in checks:
+        node = config
+        for part in name.split("."):
+            node = node[part]
+        if isinstance(node, bool) or not isinstance(node, int | float) or not math.isfinite(node):
+            raise DndError(f"config field {name}: {node!r} is not a number")
+        if node < low:
+            raise DndError(f"config field {name}: {node!r} must be {'positive' if low else '>= 0'}")
+    if not 0 <= config.lora.dropout < 1:
+        raise DndError(f"config field lora.dropout: {config.lora.dropout!r} must be in [0, 1)")
+
+
 def collect(config, out: str | Path) -> Path:
     """Runs (or resumes) the two-phase collection for `config.dataset`.
 
@@ -158,12 +176,11 @@ def collect(config, out: str | Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
 
+    validate_config(config)
     cfg = config_dict(config)
     ds_dir = Path(out) / config.dataset
     records = load_split(config.data_dir, f"{config.dataset}_train")[: config.max_samples]
     total = config.phase1.steps + config.phase2.steps
-    if config.phase2.steps < 1:
-        raise DndError("config field phase2.steps: must be at least 1")
     manifest_path = ds_dir / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
@@ -204,43 +221,45 @@ def collect(config, out: str | Path) -> Path:
         t_start = time.perf_counter() - manifest["seconds"]
         bar = tqdm(total=total, initial=start, desc=f"collect {config.dataset}", unit="step", dynamic_ncols=True)
         stop = StopOnSigterm()
-        for step in range(start, total):
-            phase = config.phase1 if step < config.phase1.steps else config.phase2
-            for g in opt.param_groups:
-                g["lr"] = learning_rate(config, step)
-            idx = example_indices(config, step, len(examples))
-            t0, loss_sum = time.perf_counter(), 0.0
-            for mb in np.split(idx, phase.grad_accum):
-                ids, mask, labels = _collate([examples[i] for i in mb], tok.pad_token_id, device)
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / phase.grad_accum
-                loss.backward()
-                loss_sum += loss.detach().item()
-            if not math.isfinite(loss_sum):
-                raise DndError(f"{ds_dir}: non-finite loss at step {step + 1}")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            done = step + 1
-            if done > config.phase1.steps:
-                with atomic_dir(ds_dir / f"step-{done:06d}", overwrite=True) as tmp:
-                    model.save_pretrained(tmp)
-                    (tmp / "README.md").unlink(missing_ok=True)
-                manifest["steps"] = sorted(set(manifest["steps"]) | {done})
-            manifest["seconds"] = round(time.perf_counter() - t_start, 1)  # training wall time, over resumes
-            if done > config.phase1.steps or done % PHASE1_SAVE_EVERY == 0 or done == config.phase1.steps:
-                _save_resume(ds_dir, model, opt, done, cfg)
-                _write_manifest(ds_dir, manifest)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{learning_rate(config, step):.1e}",
-                            s_per_step=f"{time.perf_counter() - t0:.1f}")  # fmt: skip
-            bar.update()
-            if stop.requested(done) and done < total:  # SIGTERM (preemption): save here and leave
-                _save_resume(ds_dir, model, opt, done, cfg)
-                _write_manifest(ds_dir, manifest)
-                bar.close()
-                print(f"stopped by SIGTERM after step {done} of {config.dataset}; its state is in {ds_dir}; "
-                      "re-run the same command to resume", file=sys.stderr)  # fmt: skip
-                raise SystemExit(0)
-        stop.restore()
-        bar.close()
+        try:
+            for step in range(start, total):
+                phase = config.phase1 if step < config.phase1.steps else config.phase2
+                for g in opt.param_groups:
+                    g["lr"] = learning_rate(config, step)
+                idx = example_indices(config, step, len(examples))
+                t0, loss_sum = time.perf_counter(), 0.0
+                for mb in np.split(idx, phase.grad_accum):
+                    ids, mask, labels = _collate([examples[i] for i in mb], tok.pad_token_id, device)
+                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / phase.grad_accum
+                    loss.backward()
+                    loss_sum += loss.detach().item()
+                if not math.isfinite(loss_sum):
+                    raise DndError(f"{ds_dir}: non-finite loss at step {step + 1}")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                done = step + 1
+                if done > config.phase1.steps:
+                    with atomic_dir(ds_dir / f"step-{done:06d}", overwrite=True) as tmp:
+                        model.save_pretrained(tmp)
+                        (tmp / "README.md").unlink(missing_ok=True)
+                    manifest["steps"] = sorted(set(manifest["steps"]) | {done})
+                manifest["seconds"] = round(time.perf_counter() - t_start, 1)  # training wall time, over resumes
+                if done > config.phase1.steps or done % PHASE1_SAVE_EVERY == 0 or done == config.phase1.steps:
+                    _save_resume(ds_dir, model, opt, done, cfg)
+                    _write_manifest(ds_dir, manifest)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{learning_rate(config, step):.1e}",
+                                s_per_step=f"{time.perf_counter() - t0:.1f}")  # fmt: skip
+                bar.update()
+                if stop.requested(done) and done < total:  # SIGTERM (preemption): save here and leave
+                    _save_resume(ds_dir, model, opt, done, cfg)
+                    _write_manifest(ds_dir, manifest)
+                    bar.close()
+                    print(f"stopped by SIGTERM after step {done} of {config.dataset}; its state is in {ds_dir}; "
+                          "re-run the same command to resume", file=sys.stderr)  # fmt: skip
+                    raise SystemExit(0)
+        finally:  # the bar ends its line before any error is printed
+            stop.restore()
+            bar.close()
         manifest["complete"] = True
         _write_manifest(ds_dir, manifest)
         return ds_dir

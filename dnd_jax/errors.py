@@ -8,7 +8,9 @@ a traceback.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -30,16 +32,43 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except DndError as e:
         print(f"error: {e}", file=sys.stderr)
         _exit(2)
+    except Exception as e:  # a full disk, wherever it strikes, is the user's to fix: one line too
+        if not disk_full(e):
+            raise
+        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+        print(f"error: {where}write failed: {DISK_FULL_ADVICE}", file=sys.stderr)
+        _exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         _exit(130)
     sys.exit(code or 0)
 
 
+DISK_FULL_ADVICE = ("no space left on the device (or over a file-size quota); free some and re-run the same "
+                    "command: finished outputs are kept and it resumes")  # fmt: skip
+_DISK_FULL = re.compile(r"No space left|File too large|Disk quota|FileTooLarge|StorageFull|os_error_code='(27|28|122)'")
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` is a write that failed for want of space (ENOSPC, EDQUOT, or EFBIG: a file-size limit),
+    raised by Python or reported in the message of a C++ library (tensorstore, safetensors, torch)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    return bool(_DISK_FULL.search(str(e)))
+
+
 def _exit(code: int) -> NoReturn:
     """Exits; in a multi-process JAX run a failing process leaves at once instead of waiting in JAX's
-    shutdown barrier for peers that may never get there (they stop on the missing heartbeat)."""
+    shutdown barrier for peers that may never get there (they stop on the missing heartbeat).
+
+    Background writers that failed with the main thread (orbax's async save threads) would print their
+    own tracebacks while the interpreter shuts down: after the one-line error, those are silenced."""
+    import threading
+
     from dnd_jax import distributed
+
+    sys.unraisablehook = lambda *_: None
+    threading.excepthook = lambda *_: None
 
     if distributed.active():
         sys.stdout.flush()

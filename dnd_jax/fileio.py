@@ -1,7 +1,7 @@
 """Atomic file and directory writes: write to a temporary name beside the target, then rename.
 
 A crash or an error while writing leaves the target either absent or in its previous state,
-never half-written.
+never half-written; a write that fails for want of space is a one-line DndError naming the target.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from dnd_jax.errors import DndError
+from dnd_jax.errors import DISK_FULL_ADVICE, DndError, disk_full
 
 
 @contextlib.contextmanager
@@ -36,9 +36,11 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if disk_full(e):
+            raise DndError(f"{path}: not written: {DISK_FULL_ADVICE}") from None
         raise
 
 
@@ -68,8 +70,10 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):
+            raise DndError(f"{path}: not written: {DISK_FULL_ADVICE}") from None
         raise
 
 

@@ -165,23 +165,10 @@ def test_train_survives_kills_at_random_moments(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> Path:
-    """A small randomly initialised Llama with SmolLM2's real tokenizer and chat template: a collection
-    step costs milliseconds, so kills land anywhere in a run of many steps."""
-    import torch
-    import transformers
+    """A small random Llama with SmolLM2's tokenizer: a step costs milliseconds, kills land anywhere."""
+    from tests.lora_fixtures import write_tiny_llama
 
-    from dnd_jax.assets import resolve_model
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = transformers.AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _collect_cmd(model: Path, data: Path, out: Path) -> list[str]:

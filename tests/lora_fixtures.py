@@ -92,3 +92,19 @@ def adapter_state(path: Path) -> dict:
 
 def adapter_config(path: Path) -> dict:
     return json.loads((path / "adapter_config.json").read_text())
+
+
+def write_tiny_llama(out: Path) -> Path:
+    """A small randomly initialised Llama with SmolLM2's real tokenizer and chat template, saved with
+    save_pretrained: a `collect` step on it costs milliseconds (kill trials, bad-input cases)."""
+    from dnd_jax.assets import resolve_model
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

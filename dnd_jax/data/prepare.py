@@ -104,6 +104,9 @@ def prepare_dataset(
             elif spec.modules != spec0.modules:
                 raise DndError(f"{path}: adapter layout differs from {ckpts[0][1]} (modules, ranks or shapes)")
             tok = lora_tokens.tokenize(params, layout)
+            if not np.isfinite(tok).all():
+                kinds = " and ".join(k for k, f in (("NaN", np.isnan), ("Inf", np.isinf)) if f(tok).any())
+                raise DndError(f"{path}: the adapter holds {kinds} values (a diverged or corrupt checkpoint)")
             tokens[i] = tok
             delta = tok - mean  # Welford update, float64
             mean += delta / (i + 1)
