@@ -53,6 +53,11 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     c.data.target_offset = ""
     # Tokens in the loss: "all" (the original) or "b" (B^T tokens only; A comes from target_offset).
     c.data.loss_tokens = "all"
+    # Condition form (spec §7.9): "prompts" (the paper's: unlabeled prompts), "answers" (responses only),
+    # "prompts_answers" (prompt + "answer: " + response) or "mix" (each text carries its answer with p 0.2).
+    c.data.condition = "prompts"
+    # Prompt pool per dataset: the first N texts of its train split (0: all; the number-of-conditions ablation).
+    c.data.max_prompts = 0
     # Prompts per sample (N).
     c.data.num_texts = 128
     # Prompt length in encoder tokens (L), padded and truncated.

@@ -146,6 +146,13 @@ def get_config(arg=None):
     # Reuse the trained generators of this variant instead of training (e.g. b_only generation from the
     # "residual" generators: A tokens then come from the fold mean at generation time); "" = train.
     c.experiment.train_variant = ""
+    # Folds run (empty: all of them); the other folds' tasks still train the run folds' generators.
+    c.experiment.run_folds = ()
+    # Dataset arrangements: train on a seeded subset of this many of a fold's training tasks (0: all of them).
+    c.experiment.train_tasks = 0
+    # Few-shot LoRA baseline: N > 0 replaces the generator by a LoRA collected (same recipe) on the first N
+    # labelled examples of each held-out task's train split (configs/ablations/fewshot.py); 0 = the generator.
+    c.experiment.shots = 0
     c.pipeline.deviations = (
         *base.SMOLLM2_DEVIATIONS,
         "Many-task cross-validation instead of the paper's leave-one-out on 7 sets: BIG-bench tasks "

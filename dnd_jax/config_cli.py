@@ -7,6 +7,7 @@ Entry points define their flags with absl + `config_flags.DEFINE_config_file` an
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -25,16 +26,30 @@ def parse_or_exit(argv: list[str], config_names: tuple[str, ...] = ("config",)) 
                 value.to_dict()
         return rest
     except (flags.Error, KeyError, ValueError, AttributeError, TypeError, OSError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {_one_line(e, argv)}", file=sys.stderr)
         sys.exit(2)
 
 
-def _one_line(e: BaseException) -> str:
-    # ml_collections raises KeyError for an unknown override field, with a "did you mean".
-    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+def _unknown_field(e: KeyError, argv: list[str]) -> str:
+    """ml_collections' KeyError for an unknown override ('stepz'\nDid you mean "steps" ...) -> one line
+    naming the whole field, e.g. `... no existing field: train.stepz (did you mean train.steps?)`."""
+    lines = [ln.strip() for ln in str(e.args[0] if e.args else e).splitlines() if ln.strip()]
+    key = lines[0].strip("'\"") if lines else "?"
+    paths = [a.split("=", 1)[0].removeprefix("--") for a in argv if a.startswith("--") and "." in a.split("=", 1)[0]]
+    comps = [p.split(".")[1:] for p in paths]
+    full = next((".".join(c[: c.index(key) + 1]) for c in comps if key in c), key)
+    hint = re.search(r'Did you mean "([^"]+)"', " ".join(lines[1:]))
+    parent = full.rsplit(".", 1)[0] + "." if "." in full else ""
+    return f"config override names no existing field: {full}" + (f" (did you mean {parent}{hint[1]}?)" if hint else "")
+
+
+def _one_line(e: BaseException, argv: list[str] = ()) -> str:
+    # ml_collections raises KeyError (sometimes inside an AttributeError) for an unknown override field.
+    key_error = e if isinstance(e, KeyError) else (e.args[0] if e.args and isinstance(e.args[0], KeyError) else None)
+    if key_error is not None:
+        return _unknown_field(key_error, list(argv))
+    text = str(e)
     lines = [ln.strip() for ln in text.replace("\\'", "'").splitlines() if ln.strip()]
-    if isinstance(e, KeyError):
-        return f"config override names no existing field: {' '.join(lines)}"
     if any(ln.startswith("Traceback") for ln in lines):  # an error raised inside a config file
         return f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}"
     errno = [ln for ln in lines if ln.startswith("[Errno")]
@@ -55,8 +70,34 @@ def config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+# Config fields added after runs existed (dotted name -> the default, i.e. the behaviour before the field): a
+# saved config without one of them resumes as if it had the default, so an old run directory stays usable.
+ADDED_FIELDS = {
+    "encoder.type": "sentence_bert",
+    "encoder.num_layers": 0,
+    "data.condition": "prompts",
+    "data.max_prompts": 0,
+    "experiment.train_tasks": 0,
+    "experiment.run_folds": [],
+    "experiment.shots": 0,
+}
+
+
+def _with_added_fields(saved: dict, current: dict) -> dict:
+    saved = json.loads(json.dumps(saved))
+    for name, default in ADDED_FIELDS.items():
+        *head, last = name.split(".")
+        s, c = saved, current
+        for h in head:
+            s, c = s.get(h) if isinstance(s, dict) else None, c.get(h) if isinstance(c, dict) else None
+        if isinstance(s, dict) and isinstance(c, dict) and last in c and last not in s:
+            s[last] = default
+    return saved
+
+
 def check_same_config(saved: dict, current: dict, where: str) -> None:
     """Refuses to resume a run with a config that differs from the one it started with."""
+    saved = _with_added_fields(saved, current)
     if saved != current:
         diffs = sorted(_diff(saved, current))
         raise DndError(

@@ -203,9 +203,13 @@ def retrieve(emb: dict, heldout: str, train_tasks: list[str]) -> tuple[str, floa
 
 
 def last_checkpoint(c, task: str) -> Path:
-    steps = sorted((Path(c.data.collection_dir) / task).glob("step-*"))
+    return last_checkpoint_in(Path(c.data.collection_dir), task)
+
+
+def last_checkpoint_in(root: Path, task: str) -> Path:
+    steps = sorted((root / task).glob("step-*"))
     if not steps:
-        raise DndError(f"{Path(c.data.collection_dir) / task}: no checkpoints")
+        raise DndError(f"{root / task}: no checkpoints")
     return steps[-1]
 
 
@@ -234,7 +238,7 @@ def generate_fold(train_dir: Path, heldout: list[str], c, out_root: Path, offset
     from converters.jax_to_peft import save_peft_adapter, select_row
     from dnd_jax.data import pairs
     from dnd_jax.data.prepare import open_token_set
-    from dnd_jax.data.prompts import load_split
+    from dnd_jax.data.prompts import condition_texts, load_split, needs_answers
     from dnd_jax.extractors import load_extractor
     from dnd_jax.fileio import atomic_dir
     from dnd_jax.generate import load_run, make_generate_fn
@@ -255,8 +259,10 @@ def generate_fold(train_dir: Path, heldout: list[str], c, out_root: Path, offset
         dest = out_root / task
         if (dest / "generation.json").is_file():
             continue
-        prompts = [r["prompt"] for r in load_split(c.data.prompts_dir, f"{task}_{c.generate.split}", False)]
-        pool = pairs.tokenize_pool(tok, task, prompts, config.data.max_text_length)
+        form = config.data.get("condition", "prompts")
+        recs = load_split(c.data.prompts_dir, f"{task}_{c.generate.split}", needs_answers(form))
+        texts = condition_texts(recs, form, c.seed, task)
+        pool = pairs.tokenize_pool(tok, task, texts, config.data.max_text_length)
         rng = np.random.default_rng([c.seed, 7])
         ids, masks = zip(*[pairs.prompt_batch(pool, config.data.num_texts, rng) for _ in range(k)], strict=True)
         args = (params, enc_state, jnp.asarray(np.stack(ids)), jnp.asarray(np.stack(masks)), offset)
@@ -311,14 +317,18 @@ def score_shared(scorer, c, task: str, plan: dict, dest: Path) -> None:
     write_json(dest, res)
 
 
-def score_generated(scorer, c, task: str, gen_dir: Path, dest: Path) -> None:
+def score_generated(scorer, c, task: str, gen_dir: Path, dest: Path, adapters: list[Path] | None = None,
+                    extra: dict | None = None) -> None:  # fmt: skip
+    """Scores a variant's adapters of one task (default: gen_dir/adapter-*) and `extra` {row: adapter dir}."""
     from dnd_jax.data.prompts import load_split
 
     recs = load_split(c.data.prompts_dir, f"{task}_{c.eval.split}")
-    adapters = sorted(gen_dir.glob("adapter-*"))
+    adapters = sorted(gen_dir.glob("adapter-*")) if adapters is None else adapters
     if not adapters:
         raise DndError(f"{gen_dir}: no generated adapters")
-    write_json(dest, {"task": task, "generated": [score_adapter(scorer, a, recs, c) for a in adapters]})
+    res = {"task": task, "generated": [score_adapter(scorer, a, recs, c) for a in adapters]}
+    res.update({row: score_adapter(scorer, a, recs, c) for row, a in (extra or {}).items()})
+    write_json(dest, res)
 
 
 # --------------------------------------------------------------------------------------- statistics
@@ -412,6 +422,45 @@ def uses_offset(e) -> bool:
     return e.target == "residual" or e.predict == "b_only"
 
 
+def arm_fold(c, fold: dict, vdir: Path) -> dict:
+    """The fold as this variant sees it: with experiment.train_tasks = k > 0 (dataset arrangements), a seeded
+    subset of k of the fold's training tasks (nested: the subset for k contains the one for any smaller k),
+    with its own mean tokens and prompt-blind control in vdir/fold-<i>/; otherwise the fold itself."""
+    from dnd_jax.data.prepare import open_token_set
+
+    k = c.experiment.get("train_tasks", 0)
+    if not k:
+        return fold
+    train = fold["train"]
+    if not 1 <= k <= len(train):
+        raise DndError(
+            f"config field experiment.train_tasks: {k} (fold {fold['fold']} has {len(train)} training tasks)"
+        )
+    perm = np.random.default_rng([c.experiment.fold_seed, 37, fold["fold"]]).permutation(len(train))
+    sub = [train[i] for i in sorted(perm[:k])]
+    fdir = vdir / f"fold-{fold['fold']}"
+    if not (fdir / "control" / "adapter_config.json").is_file():
+        fdir.mkdir(parents=True, exist_ok=True)
+        mean = mean_tokens(Path(c.data.token_dir), sub, c.data.real_length)
+        np.save(fdir / "mean_tokens.npy", mean)
+        save_tokens_adapter(mean, open_token_set(Path(c.data.token_dir) / sub[0]).layout, fdir / "control")
+    return {**fold, "train": sub, "mean_tokens": str(fdir / "mean_tokens.npy"), "control": str(fdir / "control")}
+
+
+def fewshot_dir(c, workdir: Path) -> Path:
+    return workdir / "fewshot" / f"n{c.experiment.shots}"
+
+
+def collect_fewshot(c, workdir: Path, tasks: list[str]) -> None:
+    """The few-shot LoRA baseline (experiment.shots = N > 0): each held-out task's LoRA collected with the
+    experiment's own recipe on the first N labelled examples of its train split -> WORKDIR/fewshot/n<N>/."""
+    from dnd_jax.collect import collect_tasks
+
+    cc = copy.deepcopy(c.collect)
+    cc.max_samples = c.experiment.shots
+    collect_tasks(cc, tasks, fewshot_dir(c, workdir), data_dir=c.data.prompts_dir)
+
+
 def train_fold(c, fold: dict, vdir: Path) -> Path:
     from dnd_jax.trainer import exit_if_stopped, train_and_evaluate
 
@@ -433,7 +482,6 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
 
     from dnd_jax.collect import collect_tasks, is_complete
     from dnd_jax.data.prepare import check_same_init, open_token_set, prepare_dataset
-    from dnd_jax.evaluate import Scorer
     from dnd_jax.pipeline import Stages, _resolve
 
     if until not in STAGES:
@@ -466,7 +514,14 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
     folds = prepare_folds(c, workdir, names)
     if until == "folds":
         return None
+    if e.get("run_folds", ()):  # a subset of the folds (CPU-scale ablations); the others are not run
+        folds = [f for f in folds if f["fold"] in e.run_folds]
+    held = [t for f in folds for t in f["heldout"]]
     vdir = cv / e.variant
+    if e.get("shots", 0):
+        return _run_fewshot(c, workdir, cv, vdir, folds, held, stages, until, report_dir)
+    if e.get("train_tasks", 0):
+        folds = [arm_fold(c, f, vdir) for f in folds]
     tdirs = [cv / (e.train_variant or e.variant) / f"fold-{f['fold']}" / "train" for f in folds]
 
     def trained(tdir):
@@ -496,28 +551,68 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
         return None
 
     def evaluate():
-        plans = {t: (f, f["plans"][t]) for f in folds for t in f["heldout"]}
-        todo = [t for t in names if not (cv / "scores" / f"{t}.json").is_file()
-                or not (vdir / "scores" / f"{t}.json").is_file()]  # fmt: skip
-        if not todo:
-            return
-        scorer = Scorer(c.collect.model, batch_size=c.eval.batch_size, cutoff_len=c.collect.cutoff_len)
-        for t in tqdm(todo, desc="evaluate tasks", unit="task", dynamic_ncols=True):
-            f, plan = plans[t]
-            if not (cv / "scores" / f"{t}.json").is_file():
-                score_shared(scorer, c, t, plan, cv / "scores" / f"{t}.json")
-            if not (vdir / "scores" / f"{t}.json").is_file():
-                gdir = vdir / f"fold-{f['fold']}" / "generated" / t
-                score_generated(scorer, c, t, gdir, vdir / "scores" / f"{t}.json")
+        extra = {f["fold"]: {"control": Path(f["control"])} for f in folds if "control" in f}  # arrangements
 
-    stages.run(f"evaluate/{e.variant}", evaluate, done=all((cv / "scores" / f"{t}.json").is_file()
-                                                             and (vdir / "scores" / f"{t}.json").is_file()
-                                                             for t in names))  # fmt: skip
+        def generated(t, f):
+            gdir = vdir / f"fold-{f['fold']}" / "generated" / t
+            return dict(gen_dir=gdir, extra=extra.get(f["fold"]))
+
+        evaluate_stage(c, cv, vdir, folds, held, generated)
+
+    stages.run(f"evaluate/{e.variant}", evaluate, done=evaluated(cv, vdir, held))
     if until == "evaluate":
         return None
+    return _report(c, workdir, cv, held, stages, report_dir)
+
+
+def evaluated(cv: Path, vdir: Path, held: list[str]) -> bool:
+    return all((cv / "scores" / f"{t}.json").is_file() and (vdir / "scores" / f"{t}.json").is_file() for t in held)
+
+
+def evaluate_stage(c, cv: Path, vdir: Path, folds: list[dict], held: list[str], generated) -> None:
+    """Scores the shared rows (once per task, for every variant) and this variant's adapters of each held-out
+    task; `generated(task, fold)` gives score_generated's gen_dir / adapters / extra keywords."""
+    from tqdm import tqdm
+
+    from dnd_jax.evaluate import Scorer
+
+    todo = [t for t in held if not evaluated(cv, vdir, [t])]
+    if not todo:
+        return
+    fold_of = {t: f for f in folds for t in f["heldout"]}
+    scorer = Scorer(c.collect.model, batch_size=c.eval.batch_size, cutoff_len=c.collect.cutoff_len)
+    for t in tqdm(todo, desc="evaluate tasks", unit="task", dynamic_ncols=True):
+        f = fold_of[t]
+        if not (cv / "scores" / f"{t}.json").is_file():
+            score_shared(scorer, c, t, f["plans"][t], cv / "scores" / f"{t}.json")
+        if not (vdir / "scores" / f"{t}.json").is_file():
+            score_generated(scorer, c, t, dest=vdir / "scores" / f"{t}.json", **generated(t, f))
+
+
+def _run_fewshot(c, workdir, cv, vdir, folds, held, stages, until, report_dir):
+    """The few-shot LoRA baseline arm: collect on N labelled examples per held-out task, score like an adapter."""
+    from dnd_jax.collect import is_complete
+
+    root = fewshot_dir(c, workdir)
+    stages.run(f"train/{c.experiment.variant}", lambda: collect_fewshot(c, workdir, held),
+               done=all(is_complete(root, t) for t in held))  # fmt: skip
+    if until in ("train", "adapters"):
+        return None
+
+    def generated(t, f):
+        return dict(gen_dir=root / t, adapters=[last_checkpoint_in(root, t)])
+
+    stages.run(f"evaluate/{c.experiment.variant}", lambda: evaluate_stage(c, cv, vdir, folds, held, generated),
+               done=evaluated(cv, vdir, held))  # fmt: skip
+    if until == "evaluate":
+        return None
+    return _report(c, workdir, cv, held, stages, report_dir)
+
+
+def _report(c, workdir, cv, held, stages, report_dir):
     from dnd_jax.experiment_report import write_report
 
-    return write_report(c, workdir, cv, names, Path(report_dir) if report_dir else workdir, stages.times)
+    return write_report(c, workdir, cv, held, Path(report_dir) if report_dir else workdir, stages.times)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,8 @@ def plot(vals: dict, variants: list[str], names: list[str], path: Path) -> None:
 def _variant_desc(cv: Path, v: str) -> str:
     """How a variant's generators were trained, from its fold-0 training config (or whose it reuses)."""
     own = cv / v / "fold-0" / "train" / "config.json"
+    if v.startswith("fewshot-"):
+        return f"{v} (not generated: LoRAs collected on {v.split('-', 1)[1]} labelled examples of each held-out task)"
     if not own.is_file():
         return f"{v} (reuses another variant's generators; A tokens from the fold mean)"
     tc = json.loads(own.read_text())

@@ -4,9 +4,11 @@
       --prompts ../shared/data/commonsense/ARC-c_test.json --num-adapters 5 --out runs/generated/arc_c
 
 The prompts file is a dataset JSON list (records with "prompt") or a text file with one prompt per
-line. Each adapter k is generated from its own random batch of `num_texts` prompts (seeded), and
-written to OUT/adapter-<k>/ as a PEFT LoRA directory (adapter_config.json from the training
-checkpoints: rank, alpha, targets, base model). After loading, prompts -> encoder -> generator ->
+line. A generator trained on another condition form (data.condition: answers, prompts_answers, mix) reads
+the records' "response" too; `--condition prompts` gives it plain prompts instead. Each adapter k
+is generated from its own random batch of `num_texts` prompts (seeded), and written to
+OUT/adapter-<k>/ as a PEFT LoRA directory (adapter_config.json from the training checkpoints: rank,
+alpha, targets, base model). After loading, prompts -> encoder -> generator ->
 float32 scale decoding -> detokenization is one compiled call; its time is measured as the
 original does (a warm-up call, then the mean of repeats, compile excluded).
 """
@@ -26,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from dnd_jax import distributed, lora_tokens
+from dnd_jax.data.prompts import CONDITIONS
 from dnd_jax.errors import DndError, run_cli
 
 
@@ -93,8 +96,12 @@ def make_generate_fn(config, graphdef, enc_graphdef, layout, detokenize: bool = 
 
 
 def generate(workdir, prompts_file, out, num_adapters: int | None = None, step: int | None = None,
-             seed: int | None = None, overwrite: bool = False, repeats: int = 5) -> dict:  # fmt: skip
+             seed: int | None = None, overwrite: bool = False, repeats: int = 5,
+             condition: str | None = None) -> dict:  # fmt: skip
     """Generates `num_adapters` PEFT adapters into `out` (written atomically as a whole).
+
+    The condition texts take the generator's training form (data.condition) unless `condition` names another:
+    a generator trained on "mix" conditions, say, can be given plain unlabeled prompts ("prompts").
 
     Returns:
       {"adapters": [paths], "step", "seconds_per_call", "seconds_per_adapter", "compile_s"}.
@@ -113,7 +120,8 @@ def generate(workdir, prompts_file, out, num_adapters: int | None = None, step: 
     config, graphdef, params, step = load_run(workdir, step)
     k = num_adapters or config.generate.num_adapters
     seed = config.seed if seed is None else seed
-    prompts = load_prompts_file(prompts_file)
+    form = condition or config.data.get("condition", "prompts")
+    prompts = load_prompts_file(prompts_file, form, seed)
     if len(prompts) < config.data.num_texts:
         raise DndError(f"{prompts_file}: {len(prompts)} prompts, fewer than num_texts={config.data.num_texts}")
     template = open_token_set(Path(config.data.token_dir) / config.data.train_datasets[0])
@@ -152,13 +160,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dnd_jax.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--workdir", required=True, help="training workdir (python -m dnd_jax.train)")
-    ap.add_argument("--prompts", required=True, help="dataset JSON (records with 'prompt') or text, one per line")
+    ap.add_argument(
+        "--prompts",
+        required=True,
+        help="dataset JSON (records with 'prompt', and 'response' for "
+        "conditions with answers) or text, one prompt per line",
+    )
     ap.add_argument("--out", required=True, help="output directory; adapters go to OUT/adapter-<k>/")
     ap.add_argument("--num-adapters", type=int, default=None, help="adapters to generate (default: the config's)")
     ap.add_argument("--step", type=int, default=None, help="generator checkpoint step (default: latest)")
     ap.add_argument("--seed", type=int, default=None, help="prompt sampling seed (default: the config's)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats after the warm-up call")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ap.add_argument(
+        "--condition",
+        default=None,
+        choices=CONDITIONS,
+        help="condition form of the texts (default: the generator's data.condition)",
+    )
     distributed.add_arguments(ap)
     args = ap.parse_args(argv)
     if distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout):
@@ -166,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     t0 = time.perf_counter()
     r = generate(args.workdir, args.prompts, args.out, args.num_adapters, args.step, args.seed, args.overwrite,
-                 args.repeats)  # fmt: skip
+                 args.repeats, args.condition)  # fmt: skip
     print(f"generated {r['num_adapters']} adapters from step {r['step']} into {args.out}", file=sys.stderr)
     print(f"generation: {r['seconds_per_call']:.4f} s per call ({r['seconds_per_adapter']:.4f} s per adapter; "
           f"compile {r['compile_s']:.1f} s); whole command {time.perf_counter() - t0:.1f} s")  # fmt: skip

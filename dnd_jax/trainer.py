@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,6 @@ def generator_config(config) -> GeneratorConfig:
 def load_data(config) -> Data:
     """Prepares (or reuses) the token store, loads prompts and the encoder, checks every shape."""
     from dnd_jax.data.prepare import check_same_init, mean_criterion_weight, open_token_set, prepare_dataset
-    from dnd_jax.data.prompts import load_split
     from dnd_jax.extractors import load_extractor
 
     d, gen = config.data, generator_config(config)
@@ -99,11 +99,8 @@ def load_data(config) -> Data:
                        f"model.features[0][:2] {[n, length]}")  # fmt: skip
     encoder, tok = load_extractor(config.encoder)
     check_width(config, encoder)
-    pools = {
-        name: pairs.tokenize_pool(tok, name, [r["prompt"] for r in load_split(d.prompts_dir, f"{name}_train", False)],
-                                  d.max_text_length)
-        for name in [*names, d.heldout_dataset]
-    }  # fmt: skip
+    pools = {name: pairs.tokenize_pool(tok, name, training_texts(config, name), d.max_text_length)
+             for name in [*names, d.heldout_dataset]}  # fmt: skip
     train_sets = [sets[nm] for nm in names]
     check_same_init([*train_sets, sets[d.heldout_dataset]], d.get("allow_mixed_init", False))
     offset = load_target_offset(config, tuple(gen.features[-1]))
@@ -116,6 +113,18 @@ def load_data(config) -> Data:
         weight = weight * b_token_mask(train_sets[0].layout)
     return Data(train_sets, sets[d.heldout_dataset], weight, sampler, pools[d.heldout_dataset], encoder,
                 train_sets[0].layout, offset, cache)  # fmt: skip
+
+
+def training_texts(config, name: str) -> list[str]:
+    """The condition texts of dataset `name`'s train split: data.condition's form of its records, the
+    first data.max_prompts of them (0: all; the original's number-of-conditions pool, spec §7.9)."""
+    from dnd_jax.data.prompts import condition_texts, load_split, needs_answers
+
+    d = config.data
+    form = d.get("condition", "prompts")
+    records = load_split(d.prompts_dir, f"{name}_train", needs_answers(form))
+    limit = d.get("max_prompts", 0)
+    return condition_texts(records[:limit] if limit else records, form, config.seed, name)
 
 
 def check_width(config, encoder) -> None:
@@ -370,6 +379,55 @@ def heldout_batches(data: Data, config) -> list[pairs.Batch]:
     return out
 
 
+_POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+             "train.eval_batches", "data.num_texts", "data.max_text_length", "data.real_length", "data.chunk",
+             "model.kernel_size")  # fmt: skip
+_NON_NEGATIVE = ("data.max_prompts", "train.eval_every", "train.learning_rate", "train.weight_decay",
+                 "train.max_grad_norm", "train.noise_condition", "train.noise_target", "train.eps")  # fmt: skip
+
+
+def validate_config(config) -> None:
+    """Impossible values and pipeline-only placeholders, each a one-line error naming the field, before any
+    output is written."""
+
+    def get(name):
+        node = config
+        for part in name.split("."):
+            node = node[part]
+        return node
+
+    for name in (*_POSITIVE, *_NON_NEGATIVE):
+        try:
+            v = get(name)
+        except KeyError:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise DndError(f"config field {name}: {v!r} is not a number")
+        if v < 0 or (v == 0 and name in _POSITIVE):
+            raise DndError(f"config field {name}: {v!r} must be {'positive' if name in _POSITIVE else '>= 0'}")
+    from dnd_jax.data.prompts import check_condition
+
+    check_condition(config.data.get("condition", "prompts"))
+    if get("model.kernel_size") % 2 == 0:
+        raise DndError(f"config field model.kernel_size: {get('model.kernel_size')} must be odd (same-size padding)")
+    for i, f in enumerate(get("model.features")):
+        if len(f) != 3 or any(not isinstance(x, int) or x <= 0 for x in f):
+            raise DndError(f"config field model.features[{i}]: {tuple(f)} must be three positive integers")
+    if any(not isinstance(x, int) or (x <= 0 and x != -1) for x in get("mesh.shape")):
+        raise DndError(f"config field mesh.shape: {tuple(get('mesh.shape'))} must be positive sizes (or -1: the rest)")
+
+    def walk(node, prefix):
+        for k in node.keys():
+            v = node[k]
+            if hasattr(v, "keys"):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, str) and "{workdir}" in v:
+                raise DndError(f"config field {prefix}{k}: {v!r} has the {{workdir}} placeholder, which only "
+                               "python -m dnd_jax.pipeline fills in; run the pipeline or give a path")  # fmt: skip
+
+    walk(config, "")
+
+
 def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict:
     """Trains the generator; resumes from the latest checkpoint in `workdir`.
 
@@ -381,23 +439,30 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict:
     Returns:
       Final metrics: the last training metrics and the held-out weighted MSE at the start and end.
     """
+    validate_config(config)
     workdir = Path(workdir)
+    created = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
-    # one writer per workdir (in a multi-process run, process 0 holds it for all)
-    with workdir_lock(workdir, "train") if jax.process_index() == 0 else contextlib.nullcontext():
-        return _setup_and_run(config, workdir, devices)
+    try:
+        # one writer per workdir (in a multi-process run, process 0 holds it for all)
+        with workdir_lock(workdir, "train") if jax.process_index() == 0 else contextlib.nullcontext():
+            return _setup_and_run(config, workdir, devices)
+    except DndError:
+        if created and jax.process_index() == 0 and {p.name for p in workdir.iterdir()} <= {".lock"}:
+            shutil.rmtree(workdir, ignore_errors=True)  # a run that failed in its set-up leaves nothing behind
+        raise
 
 
 def _setup_and_run(config, workdir: Path, devices) -> dict:
     cfg_path = workdir / "config.json"
     if cfg_path.is_file():
         check_same_config(json.loads(cfg_path.read_text()), config_dict(config), str(workdir))
-    data = load_data(config)
-    gen = generator_config(config)
     t = config.train
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
     if t.batch_size % mesh.size:
         raise DndError(f"config field train.batch_size {t.batch_size} is not divisible by the {mesh.size} devices")
+    data = load_data(config)
+    gen = generator_config(config)
     if jax.process_index() == 0:
         save_config(config, cfg_path)
     rules = [tuple(r) for r in config.mesh.rules]
@@ -473,7 +538,10 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
             if done % t.log_every == 0 or done == t.steps:
                 m = to_host(metrics)  # the only host sync, every log_every steps
                 if not math.isfinite(float(m["loss"])):
-                    raise DndError(f"non-finite loss {float(m['loss'])} at step {done}")
+                    raise DndError(
+                        f"{workdir}: non-finite loss {float(m['loss'])} at step {done} (training diverged; "
+                        f"lower train.learning_rate, or resume from a checkpoint before step {done})"
+                    )
                 dt = (time.perf_counter() - t_last) / (done - last_logged)
                 t_last, last_logged = time.perf_counter(), done
                 m = {**m, "step_time_s": dt, "samples_per_s": t.batch_size / dt, "flop_per_s": flops / dt}

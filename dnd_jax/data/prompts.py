@@ -9,6 +9,7 @@ scoring. Splits are registry names `<dataset>_train` / `<dataset>_test`.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,10 @@ import numpy as np
 from dnd_jax.errors import DndError
 
 REQUIRED = ("prompt", "response")
+# Condition forms (data.condition; the original's FullCond, CondA, CondQ_A and CondMix datasets, spec §7.9).
+CONDITIONS = ("prompts", "answers", "prompts_answers", "mix")
+# mix: the probability that a text carries its answer (the original: prompt + answer where random() > 0.8).
+MIX_ANSWER_P = 0.2
 
 
 def read_registry(data_dir: str | Path) -> dict:
@@ -76,8 +81,15 @@ def load_split(data_dir: str | Path, name: str, need_response: bool = True) -> l
     return out
 
 
-def load_prompts_file(path: str | Path) -> list[str]:
-    """Prompts from a dataset JSON file (list of records with "prompt") or a text file (one per line)."""
+def load_prompts_file(path: str | Path, form: str = "prompts", seed: int = 0) -> list[str]:
+    """Condition texts from a dataset JSON file (a list of records with "prompt", and "response" for the
+    forms that read answers, or a list of strings) or a text file (one prompt per line).
+
+    Args:
+      path: the file.
+      form: condition form (CONDITIONS); every form but "prompts" needs JSON records with responses.
+      seed: seed of the mix draw.
+    """
     path = Path(path)
     if not path.is_file():
         raise DndError(f"{path}: no such prompts file")
@@ -92,15 +104,18 @@ def load_prompts_file(path: str | Path) -> list[str]:
             raise DndError(f"{path}: invalid JSON ({e})") from None
         if not isinstance(records, list):
             raise DndError(f"{path}: expected a JSON list of records or strings")
-        prompts = [r if isinstance(r, str) else (r.get("prompt") if isinstance(r, dict) else None) for r in records]
-        if any(not isinstance(p, str) for p in prompts):
+        records = [{"prompt": r} if isinstance(r, str) else r for r in records]
+        if any(not isinstance(r, dict) or not isinstance(r.get("prompt"), str) for r in records):
             raise DndError(f"{path}: every record needs a string 'prompt'")
     else:
-        prompts = text.splitlines()
-    prompts = [p for p in prompts if p.strip()]
-    if not prompts:
+        if needs_answers(form):
+            raise DndError(f"{path}: a text file holds prompts only; condition form {form!r} needs a JSON list of "
+                           '{"prompt", "response"} records (or pass --condition prompts)')  # fmt: skip
+        records = [{"prompt": p} for p in text.splitlines()]
+    records = [r for r in records if r["prompt"].strip()]
+    if not records:
         raise DndError(f"{path}: no prompts")
-    return prompts
+    return condition_texts(records, form, seed, str(path))
 
 
 def sample_prompt_batch(num_prompts: int, num_texts: int, rng: np.random.Generator, where: str = "prompts"):
@@ -115,3 +130,45 @@ def sample_prompt_batch(num_prompts: int, num_texts: int, rng: np.random.Generat
     if num_prompts < num_texts:
         raise DndError(f"{where}: {num_prompts} prompts, fewer than num_texts={num_texts}")
     return rng.choice(num_prompts, size=num_texts, replace=False)
+
+
+def check_condition(form: str) -> None:
+    if form not in CONDITIONS:
+        raise DndError(f"config field data.condition: {form!r} (expected one of {', '.join(CONDITIONS)})")
+
+
+def needs_answers(form: str) -> bool:
+    """Whether a condition form reads the responses (labeled examples), not only the prompts."""
+    check_condition(form)
+    return form != "prompts"
+
+
+def condition_texts(records: list[dict], form: str, seed: int, where: str) -> list[str]:
+    """The texts a condition is made of, one per record, in record order (spec §7.9).
+
+    Args:
+      records: `load_split` records (or {"prompt", "response"} dicts from a prompts file).
+      form: "prompts" (the prompt only: the default and the only form for unlabeled prompts), "answers"
+        (the response only), "prompts_answers" (prompt + "answer: " + response, the original's text with no
+        separator) or "mix" (each text is prompt + answer with probability MIX_ANSWER_P, else the prompt;
+        drawn once per text from (seed, where), as the original fixes it when the dataset is built).
+      seed: the run's seed (mix only).
+      where: the dataset or file, for the mix draw and error messages.
+
+    Returns:
+      One string per record.
+    """
+    if not needs_answers(form):
+        return [r["prompt"] for r in records]
+    for i, r in enumerate(records):
+        if not isinstance(r.get("response"), str) or not r["response"].strip():
+            raise DndError(f"{where}: record {i} has no response; condition form {form!r} needs labeled "
+                           "examples (use data.condition='prompts' for unlabeled prompts)")  # fmt: skip
+    if form == "answers":
+        return [r["response"] for r in records]
+    with_answer = [r["prompt"] + "answer: " + r["response"] for r in records]
+    if form == "prompts_answers":
+        return with_answer
+    rng = np.random.default_rng([seed, 29, zlib.crc32(where.encode())])
+    carry = rng.random(len(records)) < MIX_ANSWER_P
+    return [w if c else r["prompt"] for w, c, r in zip(with_answer, carry, records, strict=True)]
