@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dnd_jax.errors import DndError
 from dnd_jax.experiment import cv_dir, paired
 from dnd_jax.experiment_report import LABELS, ROWS, TIE, _fmt_ci, _rel
 
@@ -84,6 +85,10 @@ def write_ablation_report(suite, configs: list[tuple[str, str, object]], workdir
     folds = json.loads((cv / "folds.json").read_text())["folds"]
     run = [f for f in folds if not e.run_folds or f["fold"] in e.run_folds]
     held = [t for f in run for t in f["heldout"]]
+    missing = [t for t in held if not (cv / "scores" / f"{t}.json").is_file()]
+    if missing:
+        raise DndError(f"{cv / 'scores'}: no baseline scores of {', '.join(missing)} yet (the reference arm's "
+                       "evaluate stage writes them)")  # fmt: skip
     shared = {t: json.loads((cv / "scores" / f"{t}.json").read_text()) for t in held}
     base = {r: np.asarray([np.mean([_nll(x) for x in shared[t][r]]) if r == "training" else _nll(shared[t][r])
                            for t in held]) for r in ROWS}  # fmt: skip

@@ -83,8 +83,10 @@ def arms(suite) -> list[tuple[str, str]]:
     return [(g, str(a)) for g in names for a in groups[g]]
 
 
-def run_ablations(suite, workdir: str | Path, report_dir: str | Path | None = None) -> Path:
-    """Runs (or resumes) every arm, then writes the report; returns its path."""
+def run_ablations(suite, workdir: str | Path, report_dir: str | Path | None = None, report_only: bool = False) -> Path:
+    """Runs (or resumes) every arm, then writes the report; returns its path.
+
+    With `report_only`, nothing runs: the report shows the arms scored so far (the others as "not run")."""
     from dnd_jax.ablation_report import write_ablation_report
     from dnd_jax.experiment import run_experiment
 
@@ -100,6 +102,10 @@ def run_ablations(suite, workdir: str | Path, report_dir: str | Path | None = No
             raise DndError(f"config ablations.{group}: arm {arg!r} reuses variant name {v!r} with another config")
         seen[v] = key
         configs.append((group, arg, c))
+    if report_only:
+        if not (Path(workdir) / "stages.json").is_file():
+            raise DndError(f"{workdir}: no ablation run here yet (run without --report_only first)")
+        return write_ablation_report(suite, configs, Path(workdir).absolute(), Path(report_dir or workdir))
     done = set()  # the reference arm first: the shared stages (folds, retrieval) then use its encoder
     for group, arg, c in sorted(configs, key=lambda x: x[2].experiment.variant != "reference"):
         if c.experiment.variant in done:
@@ -116,6 +122,19 @@ def json_key(c) -> str:
     return json.dumps(config_dict(c), sort_keys=True)
 
 
+def enable_compilation_cache() -> None:
+    """Arms of one ablation compile the same programs (the condition forms differ only in their texts):
+    JAX's persistent compilation cache, in $DND_JAX_CACHE/xla unless JAX_COMPILATION_CACHE_DIR names
+    another, compiles each once."""
+    import jax
+
+    from dnd_jax.assets import cache_dir
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     from absl import flags
     from ml_collections import config_flags
@@ -124,11 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                                     lock_config=True)  # fmt: skip
     flags.DEFINE_string("workdir", None, "output directory, shared by every arm; re-running resumes")
     flags.DEFINE_string("report_dir", None, "where report.md goes (default: WORKDIR)")
+    flags.DEFINE_bool("report_only", False, "write the report from the arms finished so far; run nothing")
     parse_or_exit(argv if argv is not None else sys.argv)
     f = flags.FLAGS
     if f.config is None or f.workdir is None:
         raise DndError("both --config and --workdir are required")
-    report = run_ablations(f.config, f.workdir, f.report_dir)
+    enable_compilation_cache()
+    report = run_ablations(f.config, f.workdir, f.report_dir, f.report_only)
     print(Path(report).read_text())
     print(f"report: {report}")
     return 0

@@ -24,8 +24,9 @@ def get_config(arg=None):
     c.ablations = ml_collections.ConfigDict()
     # Arms in their CPU-test size (each arm's config argument gets ",smoke").
     c.ablations.smoke = smoke
-    # Groups in the order they run (after the reference arm) and appear in the report.
-    c.ablations.order = ("conditions", "fewshot", "arrangements", "num_conditions", "extractors_cv")
+    # Groups in the order they run (after the reference arm) and appear in the report; the few-shot LoRAs,
+    # one collection per held-out task and size, cost the most CPU time and run last.
+    c.ablations.order = ("conditions", "arrangements", "num_conditions", "extractors_cv", "fewshot")
     # group -> arm arguments of configs/ablations/<group>.py.
     c.ablations.groups = ml_collections.ConfigDict()
     c.ablations.groups.conditions = ("prompts", "answers", "prompts_answers", "mix")
