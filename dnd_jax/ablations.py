@@ -106,14 +106,24 @@ def run_ablations(suite, workdir: str | Path, report_dir: str | Path | None = No
         if not (Path(workdir) / "stages.json").is_file():
             raise DndError(f"{workdir}: no ablation run here yet (run without --report_only first)")
         return write_ablation_report(suite, configs, Path(workdir).absolute(), Path(report_dir or workdir))
-    done = set()  # the reference arm first: the shared stages (folds, retrieval) then use its encoder
+    done, failed = set(), []  # the reference arm first: the shared stages (folds, retrieval) use its encoder
     for group, arg, c in sorted(configs, key=lambda x: x[2].experiment.variant != "reference"):
-        if c.experiment.variant in done:
+        v = c.experiment.variant
+        if v in done:
             continue
-        print(f"== ablation {group}:{arg} (variant {c.experiment.variant})", file=sys.stderr)
-        run_experiment(c, workdir, until="evaluate")
-        done.add(c.experiment.variant)
-    return write_ablation_report(suite, configs, Path(workdir).absolute(), Path(report_dir or workdir))
+        print(f"== ablation {group}:{arg} (variant {v})", file=sys.stderr)
+        try:
+            run_experiment(c, workdir, until="evaluate")
+        except DndError as e:  # a bad arm (its input or config) does not stop the others; the reference does
+            if v == "reference":
+                raise
+            print(f"error: ablation {group}:{arg}: {e}", file=sys.stderr)
+            failed.append(f"{group}:{arg} ({e})")
+        done.add(v)
+    report = write_ablation_report(suite, configs, Path(workdir).absolute(), Path(report_dir or workdir))
+    if failed:
+        raise DndError(f"{len(failed)} ablation arm(s) failed, the report shows them as not run: {'; '.join(failed)}")
+    return report
 
 
 def json_key(c) -> str:
