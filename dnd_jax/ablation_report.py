@@ -109,6 +109,7 @@ def write_ablation_report(suite, configs: list[tuple[str, str, object]], workdir
     L.append("## Baselines (the same in every table)\n")
     L.append("| row | mean NLL | median |\n|---|---|---|")
     L += [f"| {LABELS[r]} | {base[r].mean():.4f} | {np.median(base[r]):.4f} |" for r in ROWS]
+    L += _reading(cv, run, base, ref_vals, nb, seed)
     per_task = {}
     for group in dict.fromkeys(g for g, _, _ in configs):
         arms = [(arg, c) for g, arg, c in configs if g == group]
@@ -173,6 +174,29 @@ def write_ablation_report(suite, configs: list[tuple[str, str, object]], workdir
             f.write(f"{t}," + ",".join(f"{x[i]:.5f}" for x in [*(base[r] for r in ROWS), *(per_task[v] for v in cols)])
                     + "\n")  # fmt: skip
     return path
+
+
+def _reading(cv: Path, run: list[dict], base: dict, ref_vals, nb: int, seed: int) -> list[str]:
+    """What the reference arm's numbers say before any arm is compared with it (computed, not typed in)."""
+    if ref_vals is None:
+        return []
+    d = paired(ref_vals[0], base["control"], nb, seed, TIE)
+    out = [
+        "\n## Reading the reference arm\n",
+        f"- The reference arm vs the prompt-blind control: {_cell(d)}; it "
+        + ("beats" if d["ci"][0] > 0 else "does not beat")
+        + " the control with a CI that excludes zero.",
+    ]
+    for f in run:
+        m = cv / "reference" / f"fold-{f['fold']}" / "train" / "metrics.jsonl"
+        rows = [json.loads(x) for x in m.read_text().splitlines()] if m.is_file() else []
+        rows = [r for r in rows if "generated_mean_square" in r and "target_mean_square" in r]
+        if rows:
+            r = rows[-1]
+            out.append(f"- fold {f['fold']}: at its last logged step ({r['step']}) the reference generator's output "
+                       f"holds {r['generated_mean_square'] / r['target_mean_square']:.0%} of its targets' mean square "
+                       f"(training loss {r['loss']:.3f}); every arm is compared at this step budget.")  # fmt: skip
+    return out
 
 
 def _cell(d: dict) -> str:
