@@ -5,8 +5,10 @@
 Sizes are prompts x tokens: 128 x 384 is one paper-sized DnD condition; 32 x 32 is one demo
 training step (batch 4 x 8 prompts x 32 tokens), 64 x 48 one many-task step (8 x 8 x 48). For each:
 PyTorch transformers.BertModel (fp32, torch.inference_mode) as the baseline, then the Flax encoder
-(jit, fp32) with its CPU default (texts encoded in chunks, `encoder.auto_chunk`), all texts at
-once (chunk 0, the previous code), and bf16 compute; max abs difference to PyTorch's output.
+(jit, fp32) as training runs it (texts encoded in chunks, `encoder.auto_chunk`; keys past the
+longest text left out, `encoder.keys_needed`), the same with every key, all texts at once (chunk 0)
+with every key (`--all-at-once`: slow at 384 tokens), and bf16 compute; max abs difference to
+PyTorch's output.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from flax import nnx
 from benchmarks.cpuinfo import describe
 from dnd_jax.assets import minilm_path
 from dnd_jax.extractors import load_bert, load_tokenizer
-from dnd_jax.models.encoder import BertConfig, auto_chunk, even_chunk, tokenize_prompts
+from dnd_jax.models.encoder import BertConfig, auto_chunk, even_chunk, keys_needed, tokenize_prompts
 
 
 def bench(fn, repeats):
@@ -41,6 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="128x384,32x32,64x48", help="prompts x tokens, comma-separated")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--all-at-once", action="store_true", help="also time all texts at once, every key")
     args = ap.parse_args()
     path = minilm_path()
     tok = load_tokenizer(path)
@@ -64,16 +67,21 @@ def main() -> None:
         t_torch = bench(run_torch, args.repeats)
         want = run_torch().numpy()
         chunk = even_chunk(n, auto_chunk(BertConfig(), length))
+        keys = keys_needed(mask)
         print(f"{n} prompts x {length} tokens:")
-        print(f"  PyTorch BertModel fp32          : {t_torch:8.4f} s  ({n / t_torch:7.1f} prompts/s)  baseline")
+        print(f"  PyTorch BertModel fp32                : {t_torch:8.4f} s  ({n / t_torch:7.1f} prompts/s)  baseline")
         x, m = jnp.asarray(ids), jnp.asarray(mask)
-        for name, dt, ch in ((f"fp32, chunks of {chunk} (default)", "fp32", None), ("fp32, all at once", "fp32", 0),
-                             (f"bf16, chunks of {chunk}", "bf16", None)):  # fmt: skip
+        runs = [(f"fp32, chunks of {chunk}, {keys} keys", "fp32", None, keys),
+                (f"fp32, chunks of {chunk}, all {length} keys", "fp32", None, None),
+                (f"bf16, chunks of {chunk}, {keys} keys", "bf16", None, keys)]
+        if args.all_at_once:
+            runs.insert(2, (f"fp32, all at once, {length} keys", "fp32", 0, None))
+        for name, dt, ch, kl in runs:
             graphdef, state = encoders[dt]
-            f = jax.jit(lambda s, a, b, g=graphdef, ch=ch: nnx.merge(g, s)(a, b, chunk=ch))  # weights as arguments
+            f = jax.jit(lambda s, a, b, g=graphdef, ch=ch, kl=kl: nnx.merge(g, s)(a, b, chunk=ch, key_length=kl))
             got = np.asarray(f(state, x, m).astype(jnp.float32))
             t = bench(lambda f=f, s=state, x=x, m=m: f(s, x, m).block_until_ready(), args.repeats)
-            print(f"  Flax {name:27s}: {t:8.4f} s  ({n / t:7.1f} prompts/s)  {t_torch / t:.2f}x PyTorch; "
+            print(f"  Flax {name:33s}: {t:8.4f} s  ({n / t:7.1f} prompts/s)  {t_torch / t:.2f}x PyTorch; "
                   f"max |diff| {np.abs(got - want).max():.1e}")  # fmt: skip
 
 

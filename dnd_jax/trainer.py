@@ -51,6 +51,7 @@ class Data:
     layout: object
     offset: np.ndarray | None = None  # [T, R, K] targets are tokens - offset (data.target_offset)
     cache: pairs.HiddenCache | None = None  # encoder outputs per prompt (encoder.cache)
+    key_length: int | None = None  # no prompt has a real token past this position (encoder key trimming)
 
 
 def generator_config(config) -> GeneratorConfig:
@@ -65,6 +66,7 @@ def load_data(config) -> Data:
     """Prepares (or reuses) the token store, loads prompts and the encoder, checks every shape."""
     from dnd_jax.data.prepare import check_same_init, mean_criterion_weight, open_token_set, prepare_dataset
     from dnd_jax.extractors import load_extractor
+    from dnd_jax.models.encoder import keys_needed
 
     d, gen = config.data, generator_config(config)
     names = list(d.train_datasets)
@@ -107,12 +109,13 @@ def load_data(config) -> Data:
     sampler = pairs.PairSampler(train_sets, pools, d.num_texts, config.train.batch_size, config.seed, offset)
     if pools[d.heldout_dataset].input_ids.shape[0] < d.num_texts:
         raise DndError(f"{d.heldout_dataset}: fewer prompts than num_texts={d.num_texts}")
-    cache = attach_cache(config, encoder, pools.values()) if config.encoder.get("cache", False) else None
+    key_length = keys_needed(*(p.attention_mask for p in pools.values()))  # exact key trimming, see encoder.py
+    cache = attach_cache(config, encoder, pools.values(), key_length) if config.encoder.get("cache", False) else None
     weight = mean_criterion_weight(train_sets)
     if d.get("loss_tokens", "all") == "b":
         weight = weight * b_token_mask(train_sets[0].layout)
     return Data(train_sets, sets[d.heldout_dataset], weight, sampler, pools[d.heldout_dataset], encoder,
-                train_sets[0].layout, offset, cache)  # fmt: skip
+                train_sets[0].layout, offset, cache, key_length)  # fmt: skip
 
 
 def training_texts(config, name: str) -> list[str]:
@@ -136,7 +139,7 @@ def check_width(config, encoder) -> None:
                        "width to the extractor's")  # fmt: skip
 
 
-def attach_cache(config, encoder, pools) -> pairs.HiddenCache:
+def attach_cache(config, encoder, pools, key_length: int | None = None) -> pairs.HiddenCache:
     """encoder.cache: one HiddenCache shared by `pools` (each prompt encoded once, deterministically)."""
     e = config.encoder
     if e.train_dropout:
@@ -146,7 +149,7 @@ def attach_cache(config, encoder, pools) -> pairs.HiddenCache:
 
     @jax.jit
     def encode(ids, mask):
-        out = nnx.merge(graphdef, state)(ids, mask, key=None, mask_padding=e.mask_padding)
+        out = nnx.merge(graphdef, state)(ids, mask, key=None, mask_padding=e.mask_padding, key_length=key_length)
         return out.astype(jnp.float32)
 
     cache = pairs.HiddenCache(encode, encoder.cfg.hidden_size)
@@ -214,9 +217,9 @@ def make_init_state(config):
     return init_state
 
 
-def _encode(enc_graphdef, enc_state, ids_bnl, mask_bnl, key, mask_padding):
+def _encode(enc_graphdef, enc_state, ids_bnl, mask_bnl, key, mask_padding, key_length=None):
     encoder = nnx.merge(enc_graphdef, enc_state)
-    cond = encoder(ids_bnl, mask_bnl, key=key, mask_padding=mask_padding)
+    cond = encoder(ids_bnl, mask_bnl, key=key, mask_padding=mask_padding, key_length=key_length)
     return jax.lax.stop_gradient(cond).astype(jnp.float32)  # frozen: no gradient reaches the extractor
 
 
@@ -227,15 +230,16 @@ def weighted_mse(pred_btrk, target_btrk, weight_t):
     return jnp.sum(jnp.where(valid, weight_t[None, :, None, None] * err, 0.0)) / jnp.maximum(valid.sum(), 1)
 
 
-def make_steps(config, graphdef, enc_graphdef, tx, schedule):
-    """Returns the (unjitted) train and eval step functions."""
+def make_steps(config, graphdef, enc_graphdef, tx, schedule, key_length: int | None = None):
+    """Returns the (unjitted) train and eval step functions (`key_length`: see `encoder.keys_needed`)."""
     t, e = config.train, config.encoder
     compute = jnp.dtype(config.model.compute_dtype)
 
     def condition(enc_state, batch, key):
         if "cond" in batch:  # encoder.cache: encoded once per prompt, on the host side
             return batch["cond"]
-        return _encode(enc_graphdef, enc_state, batch["input_ids"], batch["attention_mask"], key, e.mask_padding)
+        return _encode(enc_graphdef, enc_state, batch["input_ids"], batch["attention_mask"], key, e.mask_padding,
+                       key_length)
 
     def loss_fn(params, enc_state, batch, weight, key):
         k_drop, k_cond, k_tgt = jax.random.split(key, 3)
@@ -486,7 +490,7 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
     enc_state = jax.device_put(enc_state, rep)
     weight = jax.device_put(jnp.asarray(data.weight), rep)
 
-    train_step, eval_step = make_steps(config, graphdef, enc_graphdef, tx, schedule)
+    train_step, eval_step = make_steps(config, graphdef, enc_graphdef, tx, schedule, data.key_length)
     traces = {"train": 0}
 
     def counted(*a):

@@ -149,7 +149,8 @@ class DecoderLM(nnx.Module):
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
 
-    def __call__(self, input_ids, attention_mask, key=None, mask_padding: bool = False, chunk: int | None = None):
+    def __call__(self, input_ids, attention_mask, key=None, mask_padding: bool = False, chunk: int | None = None,
+                 key_length: int | None = None):
         """Hidden states after `cfg.num_layers` layers (no final norm).
 
         Args:
@@ -158,11 +159,12 @@ class DecoderLM(nnx.Module):
           key: ignored (no dropout); accepted so every extractor has the same call.
           mask_padding: zero the hidden states of padded positions (the original does not).
           chunk: texts per lax.map chunk (0 = all at once; None = `encoder.auto_chunk`), same outputs.
+          key_length: ignored (the BERT encoder's key trimming); accepted so every extractor has the same call.
 
         Returns:
           [..., L, D] hidden states (compute dtype).
         """
-        del key
+        del key, key_length
         lead, length = input_ids.shape[:-1], input_ids.shape[-1]
         ids, mask = input_ids.reshape(-1, length), attention_mask.reshape(-1, length)
         chunk = auto_chunk(self.cfg, length) if chunk is None else chunk

@@ -36,19 +36,20 @@ class StaticEmbedding(nnx.Module):
         self.table = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
                                rngs=rngs or nnx.Rngs(0))  # fmt: skip
 
-    def __call__(self, input_ids, attention_mask, key=None, mask_padding: bool = False, chunk: int | None = None):
+    def __call__(self, input_ids, attention_mask, key=None, mask_padding: bool = False, chunk: int | None = None,
+                 key_length: int | None = None):
         """Looks the tokens up.
 
         Args:
           input_ids: int [..., L].
           attention_mask: int/bool [..., L]; padded positions give zero vectors (the GloVe arm's padding),
             whatever `mask_padding` says.
-          key, mask_padding, chunk: ignored; accepted so every extractor has the same call.
+          key, mask_padding, chunk, key_length: ignored; accepted so every extractor has the same call.
 
         Returns:
           [..., L, D] (compute dtype).
         """
-        del key, mask_padding, chunk
+        del key, mask_padding, chunk, key_length
         x = self.table(input_ids)
         if self.cfg.oov_id >= 0:
             x = jnp.where((input_ids == self.cfg.oov_id)[..., None], jnp.ones((), x.dtype), x)
