@@ -21,6 +21,7 @@ from dnd_jax.experiment import cv_dir, paired
 from dnd_jax.experiment_report import LABELS, ROWS, TIE, _fmt_ci, _rel
 
 TITLES = {
+    "reference": "Reference arm (no group of ablations.groups lists it)",
     "conditions": "Condition forms (paper Table 4a; data.condition)",
     "num_conditions": "Number of conditions (paper Fig. 4a; data.num_texts, data.max_prompts)",
     "arrangements": "Dataset arrangements (paper Table 4c; experiment.train_tasks of each fold's training tasks)",

@@ -102,6 +102,11 @@ def run_ablations(suite, workdir: str | Path, report_dir: str | Path | None = No
             raise DndError(f"config ablations.{group}: arm {arg!r} reuses variant name {v!r} with another config")
         seen[v] = key
         configs.append((group, arg, c))
+    if not any(c.experiment.variant == "reference" for _, _, c in configs):
+        # every table compares with the reference arm (and it writes the shared baselines): run it even when
+        # no group lists it, as the suite's own settings
+        configs.insert(0, ("reference", "prompts", ml_collections.ConfigDict(
+            {k: copy.deepcopy(suite[k]) for k in suite.keys() if k != "ablations"})))  # fmt: skip
     if report_only:
         if not (Path(workdir) / "stages.json").is_file():
             raise DndError(f"{workdir}: no ablation run here yet (run without --report_only first)")
