@@ -7,8 +7,9 @@ training step (batch 4 x 8 prompts x 32 tokens), 64 x 48 one many-task step (8 x
 PyTorch transformers.BertModel (fp32, torch.inference_mode) as the baseline, then the Flax encoder
 (jit, fp32) as training runs it (texts encoded in chunks, `encoder.auto_chunk`; keys past the
 longest text left out, `encoder.keys_needed`), the same with every key, all texts at once (chunk 0)
-with every key (`--all-at-once`: slow at 384 tokens), and bf16 compute; max abs difference to
-PyTorch's output.
+with every key (`--all-at-once`: slow at 384 tokens), and bf16 (the original's autocast: bf16 x
+bf16 -> f32 matmuls), raced against PyTorch under `torch.autocast("cpu", torch.bfloat16)`; max abs
+difference to PyTorch's fp32 output.
 """
 
 from __future__ import annotations
@@ -64,12 +65,19 @@ def main() -> None:
             with torch.inference_mode():
                 return ref(input_ids=t_ids, attention_mask=t_mask).last_hidden_state
 
+        def run_autocast(t_ids=t_ids, t_mask=t_mask):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return ref(input_ids=t_ids, attention_mask=t_mask).last_hidden_state
+
         t_torch = bench(run_torch, args.repeats)
+        t_auto = bench(run_autocast, args.repeats)
         want = run_torch().numpy()
         chunk = even_chunk(n, auto_chunk(BertConfig(), length))
         keys = keys_needed(mask)
         print(f"{n} prompts x {length} tokens:")
         print(f"  PyTorch BertModel fp32                : {t_torch:8.4f} s  ({n / t_torch:7.1f} prompts/s)  baseline")
+        print(f"  PyTorch BertModel bf16 autocast       : {t_auto:8.4f} s  ({n / t_auto:7.1f} prompts/s)  "
+              f"{t_torch / t_auto:.2f}x PyTorch fp32 (the baseline of the bf16 rows)")  # fmt: skip
         x, m = jnp.asarray(ids), jnp.asarray(mask)
         runs = [(f"fp32, chunks of {chunk}, {keys} keys", "fp32", None, keys),
                 (f"fp32, chunks of {chunk}, all {length} keys", "fp32", None, None),
@@ -81,8 +89,9 @@ def main() -> None:
             f = jax.jit(lambda s, a, b, g=graphdef, ch=ch, kl=kl: nnx.merge(g, s)(a, b, chunk=ch, key_length=kl))
             got = np.asarray(f(state, x, m).astype(jnp.float32))
             t = bench(lambda f=f, s=state, x=x, m=m: f(s, x, m).block_until_ready(), args.repeats)
-            print(f"  Flax {name:33s}: {t:8.4f} s  ({n / t:7.1f} prompts/s)  {t_torch / t:.2f}x PyTorch; "
-                  f"max |diff| {np.abs(got - want).max():.1e}")  # fmt: skip
+            base, tag = (t_auto, "PyTorch bf16 autocast") if dt == "bf16" else (t_torch, "PyTorch")
+            print(f"  Flax {name:33s}: {t:8.4f} s  ({n / t:7.1f} prompts/s)  {base / t:.2f}x {tag}; "
+                  f"max |diff| to fp32 PyTorch {np.abs(got - want).max():.1e}")  # fmt: skip
 
 
 if __name__ == "__main__":
