@@ -1,7 +1,7 @@
 """Generator training-step speed: step time, samples/s and achieved FLOP/s, against PyTorch.
 
   PYTHONPATH=. python benchmarks/train_step.py [--configs smoke,mid[,full]] [--repeats 3] [--dtype float32]
-      [--conv-impl direct,auto]
+      [--conv-impl direct,auto]   (--dtype bfloat16: also PyTorch under bf16 autocast, as the original trains)
 
 For each generator config: the jitted JAX step (weighted MSE, AdamW + clip, donated state, the
 encoder excluded: conditions are random), once per conv_impl, and the original's PyTorch math (benchmarks/
@@ -76,7 +76,8 @@ def jax_step_time(features, k, batch, dtype, repeats, conv_impl="auto"):
     return train, forward, count_params(cfg), layer_flops(cfg)
 
 
-def torch_step_time(features, k, batch, repeats):
+def torch_step_time(features, k, batch, repeats, autocast=False):
+    """The original's step; `autocast`: under torch.autocast("cpu", bfloat16), as the original trains."""
     model = TorchHyperConvDecoder(features, k)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.1)
     x = torch.randn(batch, *features[0])
@@ -84,13 +85,14 @@ def torch_step_time(features, k, batch, repeats):
 
     def run():
         opt.zero_grad()
-        loss = ((model(x) - y) ** 2).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = ((model(x).float() - y) ** 2).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
     train = time_it(run, repeats)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         forward = time_it(lambda: model(x), repeats)
     return train, forward
 
@@ -117,6 +119,10 @@ def main():
         if not a.no_torch and dev.platform == "cpu":
             tt, tf = torch_step_time(features, k, batch, a.repeats)
             print(f"{name}: PyTorch fp32 (the original's math): step {tt:.3f} s, forward {tf:.3f} s", flush=True)
+            if a.dtype != "float32":
+                at, af = torch_step_time(features, k, batch, a.repeats, autocast=True)
+                print(f"{name}: PyTorch bf16 autocast (as the original trains): step {at:.3f} s, forward {af:.3f} s",
+                      flush=True)  # fmt: skip
         runs = [(impl, None) for impl in a.conv_impl.split(",")]
         runs += [("auto", float(r)) for r in a.fft_ratios.split(",") if r]
         for impl, r in runs:
@@ -129,6 +135,8 @@ def main():
                     f"{3 * flops * batch / jt / 1e12:.3f} TFLOP/s direct-equivalent), forward {jf:.3f} s")  # fmt: skip
             if not a.no_torch and dev.platform == "cpu":
                 line += f" | vs PyTorch: step {tt / jt:.2f}x, forward {tf / jf:.2f}x"
+                if a.dtype != "float32":
+                    line += f" | vs PyTorch autocast: step {at / jt:.2f}x, forward {af / jf:.2f}x"
             print(line, flush=True)
 
 

@@ -91,8 +91,9 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     c.model.compute_dtype = "bfloat16"
     # Run the last layer (whose output holds the scale code) in float32.
     c.model.fp32_last_layer = True
-    # Conv algorithm: "auto" = FFT along one spatial axis on CPU where it is cheaper (float32 convs,
-    # k > 1, >= 24 channels), lax.conv on GPU/TPU; or "direct" / "fft" (dnd_jax/models/hyperconv.py).
+    # Conv algorithm: "auto" = on CPU an FFT along one spatial axis where it is cheaper (float32 convs,
+    # k > 1, >= 24 channels) and one bf16 GEMM per conv for bfloat16 layers where the CPU has AMX or
+    # AVX-512-BF16; lax.conv on GPU/TPU; or "direct" / "fft" / "gemm" (dnd_jax/models/hyperconv.py).
     c.model.conv_impl = "auto"
     # Start the last conv at zero (the generator's first output is 0; with data.target_offset, the offset).
     c.model.zero_init_output = False

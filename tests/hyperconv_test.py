@@ -122,3 +122,54 @@ def test_fft_and_direct_generators_train_alike():
     scale = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(gdir))  # some biases have ~0 gradients
     for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gdir), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _numpy_same_correlation(x_bsrc, w_kkco):
+    """Oracle: 'same'-padded k x k cross-correlation of channels-last x, float64 NumPy, tap by tap."""
+    k = w_kkco.shape[0]
+    p = k // 2
+    b, s0, s1, _ = x_bsrc.shape
+    xp = np.pad(x_bsrc.astype(np.float64), ((0, 0), (p, p), (p, p), (0, 0)))
+    return sum(np.einsum("bijc,co->bijo", xp[:, i : i + s0, j : j + s1], w_kkco[i, j].astype(np.float64))
+               for i in range(k) for j in range(k))  # fmt: skip
+
+
+@pytest.mark.parametrize("spec,shape", [
+    (hyperconv._CONV_W, (2, 6, 11, 20)),  # channels W; spatial (H, N): H longer
+    (hyperconv._CONV_H, (2, 13, 7, 5)),  # channels H; spatial (N, W): N longer
+    (hyperconv._CONV_L, (2, 9, 4, 12)),  # channels N; spatial (H, W): W longer
+])  # fmt: skip
+def test_gemm_conv_matches_numpy_correlation_and_its_gradient(spec, shape):
+    """The bf16 GEMM conv against float64 NumPy on the same bf16-rounded inputs; its gradient against
+    the float32 direct conv's, within bf16 rounding."""
+    rng = np.random.default_rng(0)
+    k, cin, cout = 5, shape[spec[1]], 7
+    x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16).astype(jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) / k, jnp.bfloat16).astype(jnp.float32)
+    hyperconv.PATHS.clear()
+    got = jax.jit(lambda x, w: hyperconv.conv(x, w, spec, jnp.bfloat16, "gemm"))(x, w)
+    assert dict(hyperconv.PATHS) == {"gemm": 1} and got.dtype == jnp.bfloat16
+    order = (spec[0], spec[2], spec[3], spec[1])
+    want = _numpy_same_correlation(np.transpose(np.asarray(x), order), np.asarray(w))
+    want = np.transpose(want.astype(np.float32), np.argsort(order))
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+    def loss(impl, dtype):
+        return lambda x, w: (hyperconv.conv(x, w, spec, dtype, impl).astype(jnp.float32) ** 2).sum()
+
+    g_gemm = jax.jit(jax.grad(loss("gemm", jnp.bfloat16), argnums=(0, 1)))(x, w)
+    g_ref = jax.jit(jax.grad(loss("direct", jnp.float32), argnums=(0, 1)))(x, w)
+    for a, b in zip(g_gemm, g_ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=5e-2, atol=3e-2 * np.abs(b).max())
+
+
+def test_auto_conv_impl_follows_dtype_backend_and_cpu(monkeypatch):
+    for flags, want in (({"avx2"}, "direct"), ({"avx512f", "avx512_bf16"}, "gemm"), ({"amx_bf16"}, "gemm")):
+        monkeypatch.setattr(hyperconv, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert hyperconv.auto_conv_impl(jnp.bfloat16) == want and hyperconv.auto_conv_impl(jnp.float32) == "fft"
+    # a bf16 generator with conv_impl auto on a bf16-capable CPU: every bf16 conv is a GEMM, the fp32 last layer FFT/direct
+    cfg = GeneratorConfig(((4, 8, 16), (6, 5, 10), (7, 4, 6)), 3, compute_dtype="bfloat16")
+    hyperconv.PATHS.clear()
+    out = jax.jit(lambda m, x: m(x))(HyperConvDecoder(cfg, nnx.Rngs(0)), jnp.ones((1, 4, 8, 16)))
+    assert hyperconv.PATHS["gemm"] == 5 and hyperconv.PATHS["gemm"] + hyperconv.PATHS["direct"] == 10
+    assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()

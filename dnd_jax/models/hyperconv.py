@@ -50,8 +50,10 @@ class GeneratorConfig:
       compute_dtype: "bfloat16" on accelerators, "float32" for exact CPU tests.
       fp32_last_layer: run the last layer in float32 (the scale code is decoded from its output).
       conv_impl: "direct" (lax.conv), "fft" (FFT along one spatial axis wherever it is float32 and
-        cheaper, see `fft_plan`) or "auto" (fft on the CPU backend, direct on GPU/TPU, whose conv
-        libraries pick their own algorithms). Under a multi-device mesh FFT convs run per batch shard.
+        cheaper, see `fft_plan`), "gemm" (bf16 layers: one bf16 x bf16 -> f32 GEMM per conv, see
+        `gemm_conv`) or "auto": on the CPU backend fft for float32 layers and, where the CPU has
+        bf16 matmul units (AMX or AVX-512-BF16), gemm for bf16 ones; direct on GPU/TPU, whose conv
+        libraries pick their own algorithms. Under a multi-device mesh FFT convs run per batch shard.
       zero_init_output: start the last layer's output conv (kernel and bias) at zero, so that the
         untrained generator outputs exactly 0: with residual targets (tokens minus an offset) it then
         starts at the offset, e.g. the prompt-blind mean of the training checkpoints.
@@ -68,13 +70,13 @@ class GeneratorConfig:
         object.__setattr__(self, "features", tuple(tuple(int(v) for v in f) for f in self.features))
         if len(self.features) < 2 or any(len(f) != 3 for f in self.features):
             raise ValueError("features must list at least two (N, H, W) triples")
-        if self.conv_impl not in ("auto", "direct", "fft"):
-            raise ValueError(f"conv_impl must be 'auto', 'direct' or 'fft', got {self.conv_impl!r}")
+        if self.conv_impl not in ("auto", "direct", "fft", "gemm"):
+            raise ValueError(f"conv_impl must be 'auto', 'direct', 'fft' or 'gemm', got {self.conv_impl!r}")
         if self.kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd for 'same' padding, got {self.kernel_size}")
 
 
-# Which conv path each traced conv took ("direct", "fft", "fft_sharded"), counted at trace time, so
+# Which conv path each traced conv took ("direct", "fft", "fft_sharded", "gemm"), counted at trace time, so
 # tests can assert the path they meant to test ran.
 PATHS: collections.Counter = collections.Counter()
 
@@ -97,6 +99,9 @@ def conv(x, kernel, spec, dtype, impl: str = "direct", mesh=None):
             batch[spec[0]] = tuple(mesh.axis_names)
             local = functools.partial(fft_conv, spec=spec, axis=plan)
             return jax.shard_map(local, mesh=mesh, in_specs=(P(*batch), P()), out_specs=P(*batch))(x, kernel)
+    if impl == "gemm" and jnp.dtype(dtype) != jnp.float32:
+        PATHS["gemm"] += 1
+        return gemm_conv(x, kernel, spec, dtype)
     PATHS["direct"] += 1
     dn = lax.ConvDimensionNumbers(lhs_spec=spec, rhs_spec=_KERNEL_SPEC, out_spec=spec)
     return lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "SAME", dimension_numbers=dn)
@@ -140,6 +145,15 @@ def cpu_kind() -> str:
     """'amx', 'avx512' or 'avx2' (also for anything else): the class of CPU the FFT thresholds follow."""
     flags = cpu_flags()
     return "amx" if "amx_bf16" in flags else "avx512" if "avx512f" in flags else "avx2"
+
+
+def auto_conv_impl(dtype) -> str:
+    """conv_impl "auto" for a layer computing in `dtype` on the default backend."""
+    if jax.default_backend() != "cpu":
+        return "direct"
+    if jnp.dtype(dtype) == jnp.float32:
+        return "fft"
+    return "gemm" if jnp.dtype(dtype) == jnp.bfloat16 and cpu_flags() & {"amx_bf16", "avx512_bf16"} else "direct"
 
 
 def fft_thresholds() -> tuple[float, int]:
@@ -204,6 +218,54 @@ def fft_conv(x, kernel, spec, axis: int):
     return jnp.transpose(y, np.argsort(order))
 
 
+@jax.custom_vjp
+def _low_precision_dot(a, b):
+    """a [M, K] @ b [K, N] with a, b in bf16 (or another low-precision dtype) and float32 accumulation and
+    output; the backward products take the cotangent in the same low precision (as autocast does)."""
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _low_precision_dot_fwd(a, b):
+    return _low_precision_dot(a, b), (a, b)
+
+
+def _low_precision_dot_bwd(res, g):
+    a, b = res
+    g = g.astype(a.dtype)
+    da = lax.dot_general(g, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    db = lax.dot_general(a, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
+
+
+def gemm_conv(x, kernel, spec, dtype):
+    """The same 'same'-padded k x k cross-correlation as `conv`, as one low-precision GEMM (autocast).
+
+    x is brought to [B, Sr, Sc, C]; Sc is unrolled into its k taps (im2col along one axis only: k times
+    x in `dtype`), and one GEMM [B (Sr + k - 1) Sc, k C] x [k C, k O] gives every tap of the other axis at
+    once; summing its k row-shifted blocks is the conv. With dtype bfloat16 the GEMM is a bf16 x bf16 ->
+    float32 dot, which XLA runs on AMX / AVX-512-BF16 units (5-10x its bf16 convs, which do not use them).
+    Sr is the longer spatial axis (the shift sum wastes (k - 1) / Sr of the GEMM's rows).
+    """
+    k = kernel.shape[0]
+    p = k // 2
+    bd, cd, s0, s1 = spec
+    rows_first = x.shape[s0] >= x.shape[s1]
+    order = (bd, s0, s1, cd) if rows_first else (bd, s1, s0, cd)
+    w = kernel if rows_first else jnp.transpose(kernel, (1, 0, 2, 3))  # [row tap, col tap, C, O]
+    xt = jnp.transpose(x.astype(dtype), order)
+    b, sr, sc, c = xt.shape
+    o = w.shape[-1]
+    xp = jnp.pad(xt, ((0, 0), (p, p), (p, p), (0, 0)))
+    cols = jnp.concatenate([xp[:, :, j : j + sc] for j in range(k)], axis=-1)  # [B, Sr + 2p, Sc, k C]
+    w2 = jnp.transpose(w, (1, 2, 0, 3)).reshape(k * c, k * o).astype(dtype)  # [(col tap, C), (row tap, O)]
+    out = _low_precision_dot(cols.reshape(-1, k * c), w2).reshape(b, sr + 2 * p, sc, k, o)
+    y = sum(out[:, i : i + sr, :, i] for i in range(k))  # [B, Sr, Sc, O] float32
+    return jnp.transpose(y.astype(dtype), np.argsort(order))
+
+
 def _uniform(key, shape, bound):
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
@@ -236,7 +298,7 @@ class HyperConvLayer(nnx.Module):
         dt = self.dtype
         impl = self.conv_impl
         if impl == "auto":
-            impl = "fft" if jax.default_backend() == "cpu" else "direct"
+            impl = auto_conv_impl(dt)
         mesh = jax.sharding.get_abstract_mesh()
         mesh = None if mesh.empty or mesh.size == 1 else mesh
         if mesh is not None and x_bnhw.shape[0] % mesh.size:
