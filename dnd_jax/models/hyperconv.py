@@ -218,26 +218,39 @@ def fft_conv(x, kernel, spec, axis: int):
     return jnp.transpose(y, np.argsort(order))
 
 
-@jax.custom_vjp
-def _low_precision_dot(a, b):
-    """a [M, K] @ b [K, N] with a, b in bf16 (or another low-precision dtype) and float32 accumulation and
-    output; the backward products take the cotangent in the same low precision (as autocast does)."""
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _tap_gemm(cols_mc, w_nc, shape):
+    """y [B, Sr, Sc, O] float32 = sum over row taps i of (cols @ w^T)[b, r + i, c, i, o], one low-precision
+    GEMM with float32 accumulation; `shape` = (B, Sr, Sc, k, O). See `gemm_conv`."""
+    b, sr, sc, k, o = shape
+    out = lax.dot_general(cols_mc, w_nc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    out = out.reshape(b, sr + k - 1, sc, k, o)
+    return sum(out[:, i : i + sr, :, i] for i in range(k))
 
 
-def _low_precision_dot_fwd(a, b):
-    return _low_precision_dot(a, b), (a, b)
+def _tap_gemm_fwd(cols_mc, w_nc, shape):
+    return _tap_gemm(cols_mc, w_nc, shape), (cols_mc, w_nc)
 
 
-def _low_precision_dot_bwd(res, g):
-    a, b = res
-    g = g.astype(a.dtype)
-    da = lax.dot_general(g, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    db = lax.dot_general(a, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return da.astype(a.dtype), db.astype(b.dtype)
+def _tap_gemm_bwd(shape, res, g_bsro):
+    """Both products in the low precision with float32 accumulation, as autocast's backward. The weight
+    gradient is formed as g^T [k O, M] @ cols [M, k C], g^T built transposed from the start: XLA's CPU
+    GEMMs run a contraction over the rows of both operands (cols^T @ g) at a quarter of the speed, and
+    do not run it at all in bf16 -> f32 (jax 0.10: "Unsupported element type for DotThunk")."""
+    cols_mc, w_nc = res
+    b, sr, sc, k, o = shape
+    p = k - 1
+    g = g_bsro.astype(cols_mc.dtype)
+    # d(out)[b, r', c, i, :] = g[b, r' - i, c, :]: tap i's block is g shifted down by i rows
+    g_out = jnp.stack([jnp.pad(g, ((0, 0), (i, p - i), (0, 0), (0, 0))) for i in range(k)], axis=3)
+    d_cols = jnp.dot(g_out.reshape(-1, k * o), w_nc, preferred_element_type=jnp.float32)
+    gt = jnp.transpose(g, (3, 0, 1, 2))  # [O, B, Sr, Sc]
+    gt_out = jnp.stack([jnp.pad(gt, ((0, 0), (0, 0), (i, p - i), (0, 0))) for i in range(k)], axis=0)
+    d_w = jnp.dot(gt_out.reshape(k * o, -1), cols_mc, preferred_element_type=jnp.float32)  # [k O, k C]
+    return d_cols.astype(cols_mc.dtype), d_w.astype(w_nc.dtype)
 
 
-_low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
+_tap_gemm.defvjp(_tap_gemm_fwd, _tap_gemm_bwd)
 
 
 def gemm_conv(x, kernel, spec, dtype):
@@ -260,9 +273,8 @@ def gemm_conv(x, kernel, spec, dtype):
     o = w.shape[-1]
     xp = jnp.pad(xt, ((0, 0), (p, p), (p, p), (0, 0)))
     cols = jnp.concatenate([xp[:, :, j : j + sc] for j in range(k)], axis=-1)  # [B, Sr + 2p, Sc, k C]
-    w2 = jnp.transpose(w, (1, 2, 0, 3)).reshape(k * c, k * o).astype(dtype)  # [(col tap, C), (row tap, O)]
-    out = _low_precision_dot(cols.reshape(-1, k * c), w2).reshape(b, sr + 2 * p, sc, k, o)
-    y = sum(out[:, i : i + sr, :, i] for i in range(k))  # [B, Sr, Sc, O] float32
+    w2 = jnp.transpose(w, (0, 3, 1, 2)).reshape(k * o, k * c).astype(dtype)  # [(row tap, O), (col tap, C)]
+    y = _tap_gemm(cols.reshape(-1, k * c), w2, (b, sr, sc, k, o))  # [B, Sr, Sc, O] float32
     return jnp.transpose(y.astype(dtype), np.argsort(order))
 
 
