@@ -71,6 +71,23 @@ def test_fft_convs_sharded_match_single_device(exp, tmp_path):
     assert params_close(sharded["state"]["params"], single["state"]["params"]) < 1e-6
 
 
+def test_gemm_convs_sharded_match_single_device(exp, tmp_path):
+    """bf16 layers with conv_impl='gemm' (one bf16 GEMM per conv, custom VJP) train alike on a 4 x 2 mesh
+    (XLA partitions them) and on one device."""
+    from dnd_jax.models import hyperconv
+
+    over = {"train.steps": 2, "train.eps": 1.0, "model.conv_impl": "gemm", "model.compute_dtype": "bfloat16"}
+    hyperconv.PATHS.clear()
+    sharded = trainer.train_and_evaluate(tiny_config(exp, **{"mesh.shape": (4, 2), **over}), tmp_path / "mesh")
+    assert hyperconv.PATHS["gemm"] > 0
+    single = trainer.train_and_evaluate(
+        tiny_config(exp, **{"mesh.shape": (1, 1), **over}), tmp_path / "one", devices=jax.devices()[:1]
+    )
+    np.testing.assert_allclose(sharded["last_metrics"]["loss"], single["last_metrics"]["loss"], rtol=1e-4)
+    np.testing.assert_allclose(sharded["last_metrics"]["grad_norm"], single["last_metrics"]["grad_norm"], rtol=1e-3)
+    assert params_close(sharded["state"]["params"], single["state"]["params"]) < 1e-4
+
+
 def test_encoder_cache_trains_like_encoding_every_step(exp, tmp_path):
     """encoder.cache: each prompt is encoded once (on the host side of the step) and reused; without
     dropout the conditions are the same, so the run is the same as encoding inside every step."""
