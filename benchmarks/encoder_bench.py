@@ -79,9 +79,11 @@ def main() -> None:
         print(f"  PyTorch BertModel bf16 autocast       : {t_auto:8.4f} s  ({n / t_auto:7.1f} prompts/s)  "
               f"{t_torch / t_auto:.2f}x PyTorch fp32 (the baseline of the bf16 rows)")  # fmt: skip
         x, m = jnp.asarray(ids), jnp.asarray(mask)
-        runs = [(f"fp32, chunks of {chunk}, {keys} keys", "fp32", None, keys),
-                (f"fp32, chunks of {chunk}, all {length} keys", "fp32", None, None),
-                (f"bf16, chunks of {chunk}, {keys} keys", "bf16", None, keys)]
+        runs = [
+            (f"fp32, chunks of {chunk}, {keys} keys", "fp32", None, keys),
+            (f"fp32, chunks of {chunk}, all {length} keys", "fp32", None, None),
+            (f"bf16, chunks of {chunk}, {keys} keys", "bf16", None, keys),
+        ]
         if args.all_at_once:
             runs.insert(2, (f"fp32, all at once, {length} keys", "fp32", 0, None))
         for name, dt, ch, kl in runs:

@@ -11,8 +11,8 @@ experiment; dnd_jax/models/ holds only the modules and their math. The types (`e
                  Sentence-BERT's input word-piece embeddings, tokens without [CLS]/[SEP] (no GloVe offline).
 
 Each module is called as `module(ids [..., L], mask [..., L], key=None, mask_padding=False, chunk=None,
-key_length=None) -> [..., L, D]` with D = `module.cfg.hidden_size`, which must equal the generator's `model.features[0][2]`. The
-tokenizer is called like a transformers tokenizer (`tokenize_prompts` in models/encoder.py).
+key_length=None) -> [..., L, D]` with D = `module.cfg.hidden_size`, which must equal the generator's
+`model.features[0][2]`. The tokenizer is called like a transformers tokenizer (`tokenize_prompts` in models/encoder.py).
 """
 
 from __future__ import annotations

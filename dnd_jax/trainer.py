@@ -238,8 +238,9 @@ def make_steps(config, graphdef, enc_graphdef, tx, schedule, key_length: int | N
     def condition(enc_state, batch, key):
         if "cond" in batch:  # encoder.cache: encoded once per prompt, on the host side
             return batch["cond"]
-        return _encode(enc_graphdef, enc_state, batch["input_ids"], batch["attention_mask"], key, e.mask_padding,
-                       key_length)
+        return _encode(
+            enc_graphdef, enc_state, batch["input_ids"], batch["attention_mask"], key, e.mask_padding, key_length
+        )
 
     def loss_fn(params, enc_state, batch, weight, key):
         k_drop, k_cond, k_tgt = jax.random.split(key, 3)

@@ -128,7 +128,7 @@ def _numpy_same_correlation(x_bsrc, w_kkco):
     """Oracle: 'same'-padded k x k cross-correlation of channels-last x, float64 NumPy, tap by tap."""
     k = w_kkco.shape[0]
     p = k // 2
-    b, s0, s1, _ = x_bsrc.shape
+    _, s0, s1, _ = x_bsrc.shape
     xp = np.pad(x_bsrc.astype(np.float64), ((0, 0), (p, p), (p, p), (0, 0)))
     return sum(np.einsum("bijc,co->bijo", xp[:, i : i + s0, j : j + s1], w_kkco[i, j].astype(np.float64))
                for i in range(k) for j in range(k))  # fmt: skip
@@ -167,7 +167,7 @@ def test_auto_conv_impl_follows_dtype_backend_and_cpu(monkeypatch):
     for flags, want in (({"avx2"}, "direct"), ({"avx512f", "avx512_bf16"}, "gemm"), ({"amx_bf16"}, "gemm")):
         monkeypatch.setattr(hyperconv, "cpu_flags", lambda flags=flags: frozenset(flags))
         assert hyperconv.auto_conv_impl(jnp.bfloat16) == want and hyperconv.auto_conv_impl(jnp.float32) == "fft"
-    # a bf16 generator with conv_impl auto on a bf16-capable CPU: every bf16 conv is a GEMM, the fp32 last layer FFT/direct
+    # a bf16 generator, conv_impl auto, on a bf16-capable CPU: every bf16 conv is a GEMM, the fp32 last layer's not
     cfg = GeneratorConfig(((4, 8, 16), (6, 5, 10), (7, 4, 6)), 3, compute_dtype="bfloat16")
     hyperconv.PATHS.clear()
     out = jax.jit(lambda m, x: m(x))(HyperConvDecoder(cfg, nnx.Rngs(0)), jnp.ones((1, 4, 8, 16)))

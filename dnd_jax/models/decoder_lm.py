@@ -149,8 +149,15 @@ class DecoderLM(nnx.Module):
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
 
-    def __call__(self, input_ids, attention_mask, key=None, mask_padding: bool = False, chunk: int | None = None,
-                 key_length: int | None = None):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask,
+        key=None,
+        mask_padding: bool = False,
+        chunk: int | None = None,
+        key_length: int | None = None,
+    ):
         """Hidden states after `cfg.num_layers` layers (no final norm).
 
         Args:

@@ -122,8 +122,15 @@ class BertEncoder(nnx.Module):
         self.emb_norm = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, rngs=rngs)
         self.layers = nnx.List([BertLayer(cfg, rngs, dtype) for _ in range(cfg.num_layers)])
 
-    def __call__(self, input_ids, attention_mask, key=None, mask_padding: bool = False, chunk: int | None = None,
-                 key_length: int | None = None):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask,
+        key=None,
+        mask_padding: bool = False,
+        chunk: int | None = None,
+        key_length: int | None = None,
+    ):
         """Encodes token ids.
 
         Args:

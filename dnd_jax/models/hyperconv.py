@@ -238,7 +238,7 @@ def _tap_gemm_bwd(shape, res, g_bsro):
     GEMMs run a contraction over the rows of both operands (cols^T @ g) at a quarter of the speed, and
     do not run it at all in bf16 -> f32 (jax 0.10: "Unsupported element type for DotThunk")."""
     cols_mc, w_nc = res
-    b, sr, sc, k, o = shape
+    k, o = shape[3:]
     p = k - 1
     g = g_bsro.astype(cols_mc.dtype)
     # d(out)[b, r', c, i, :] = g[b, r' - i, c, :]: tap i's block is g shifted down by i rows

@@ -36,8 +36,15 @@ class StaticEmbedding(nnx.Module):
         self.table = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
                                rngs=rngs or nnx.Rngs(0))  # fmt: skip
 
-    def __call__(self, input_ids, attention_mask, key=None, mask_padding: bool = False, chunk: int | None = None,
-                 key_length: int | None = None):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask,
+        key=None,
+        mask_padding: bool = False,
+        chunk: int | None = None,
+        key_length: int | None = None,
+    ):
         """Looks the tokens up.
 
         Args:
