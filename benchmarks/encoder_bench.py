@@ -28,6 +28,7 @@ from benchmarks.cpuinfo import describe
 from dnd_jax.assets import minilm_path
 from dnd_jax.extractors import load_bert, load_tokenizer
 from dnd_jax.models.encoder import BertConfig, auto_chunk, even_chunk, keys_needed, tokenize_prompts
+from dnd_jax.models.hyperconv import cpu_kind
 
 
 def bench(fn, repeats):
@@ -74,7 +75,7 @@ def main() -> None:
         want = run_torch().numpy()
         chunk = even_chunk(n, auto_chunk(BertConfig(), length))
         keys = keys_needed(mask)
-        print(f"{n} prompts x {length} tokens:")
+        print(f"{n} prompts x {length} tokens (CPU kind {cpu_kind()}):")
         print(f"  PyTorch BertModel fp32                : {t_torch:8.4f} s  ({n / t_torch:7.1f} prompts/s)  baseline")
         print(f"  PyTorch BertModel bf16 autocast       : {t_auto:8.4f} s  ({n / t_auto:7.1f} prompts/s)  "
               f"{t_torch / t_auto:.2f}x PyTorch fp32 (the baseline of the bf16 rows)")  # fmt: skip

@@ -111,6 +111,7 @@ def main():
     a = ap.parse_args()
     dev = jax.devices()[0]
     ratio, min_ch = hyperconv.fft_thresholds()
+    kind = hyperconv.cpu_kind()  # tags every figure line; the full CPU line comes first
     print(f"{describe()}; devices: {jax.device_count()} x {dev.device_kind}; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); FFT thresholds for this CPU kind: cost ratio <= {ratio}, "
           f">= {min_ch} channels")  # fmt: skip
@@ -118,11 +119,12 @@ def main():
         features, k, batch = CONFIGS[name]
         if not a.no_torch and dev.platform == "cpu":
             tt, tf = torch_step_time(features, k, batch, a.repeats)
-            print(f"{name}: PyTorch fp32 (the original's math): step {tt:.3f} s, forward {tf:.3f} s", flush=True)
+            print(f"[{kind}] {name}: PyTorch fp32 (the original's math): step {tt:.3f} s, forward {tf:.3f} s",
+                  flush=True)  # fmt: skip
             if a.dtype != "float32":
                 at, af = torch_step_time(features, k, batch, a.repeats, autocast=True)
-                print(f"{name}: PyTorch bf16 autocast (as the original trains): step {at:.3f} s, forward {af:.3f} s",
-                      flush=True)  # fmt: skip
+                print(f"[{kind}] {name}: PyTorch bf16 autocast (as the original trains): step {at:.3f} s, "
+                      f"forward {af:.3f} s", flush=True)  # fmt: skip
         runs = [(impl, None) for impl in a.conv_impl.split(",")]
         runs += [("auto", float(r)) for r in a.fft_ratios.split(",") if r]
         for impl, r in runs:
@@ -130,7 +132,7 @@ def main():
             jt, jf, n, flops = jax_step_time(features, k, batch, a.dtype, a.repeats, impl)
             hyperconv.FFT_THRESHOLDS_OVERRIDE = None
             tag = impl if r is None else f"auto, FFT ratio <= {r}"
-            line = (f"{name}: {n / 1e6:.2f} M params, batch {batch}, {flops / 1e9:.1f} GFLOP/sample fwd | JAX "
+            line = (f"[{kind}] {name}: {n / 1e6:.2f} M params, batch {batch}, {flops / 1e9:.1f} GFLOP/sample fwd | JAX "
                     f"{a.dtype} conv_impl={tag}: step {jt:.3f} s ({batch / jt:.2f} samples/s, "
                     f"{3 * flops * batch / jt / 1e12:.3f} TFLOP/s direct-equivalent), forward {jf:.3f} s")  # fmt: skip
             if not a.no_torch and dev.platform == "cpu":
