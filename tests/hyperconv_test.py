@@ -116,7 +116,8 @@ def test_fft_and_direct_generators_train_alike():
         grads[impl] = jax.jit(jax.value_and_grad(loss))(params)
         paths[impl] = dict(hyperconv.PATHS)
     # the comparison means something only if the FFT side did take FFT convs (6 of the 10 here)
-    assert paths == {"fft": {"fft": 6, "direct": 4}, "direct": {"direct": 10}}
+    # ... and its 4 direct ones run their backward as GEMMs (small enough for the k^2 im2col)
+    assert paths == {"fft": {"fft": 6, "direct": 4, "gemm_backward": 4}, "direct": {"direct": 10}}
     (lf, gf), (ld, gdir) = grads["fft"], grads["direct"]
     np.testing.assert_allclose(lf, ld, rtol=1e-5)
     scale = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(gdir))  # some biases have ~0 gradients
@@ -173,3 +174,22 @@ def test_auto_conv_impl_follows_dtype_backend_and_cpu(monkeypatch):
     out = jax.jit(lambda m, x: m(x))(HyperConvDecoder(cfg, nnx.Rngs(0)), jnp.ones((1, 4, 8, 16)))
     assert hyperconv.PATHS["gemm"] == 5 and hyperconv.PATHS["gemm"] + hyperconv.PATHS["direct"] == 10
     assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("spec", [hyperconv._CONV_W, hyperconv._CONV_H, hyperconv._CONV_L])
+def test_gemm_backward_matches_lax_conv_gradients(spec):
+    """The GEMM backward of a direct conv (custom VJP) against JAX's autodiff of lax.conv itself."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 5, 7, 9)), jnp.float32)
+    k, cin = 3, x.shape[spec[1]]
+    w = jnp.asarray(rng.standard_normal((k, k, cin, 6)), jnp.float32)
+    t = jnp.asarray(rng.standard_normal(jax.eval_shape(lambda: hyperconv._direct_conv(x, w, spec)).shape), jnp.float32)
+
+    def loss(f):
+        return lambda x, w: (f(x, w, spec) * t).sum() + (f(x, w, spec) ** 2).sum()
+
+    np.testing.assert_array_equal(hyperconv.direct_conv_gemm_backward(x, w, spec), hyperconv._direct_conv(x, w, spec))
+    got = jax.jit(jax.grad(loss(hyperconv.direct_conv_gemm_backward), argnums=(0, 1)))(x, w)
+    want = jax.jit(jax.grad(loss(hyperconv._direct_conv), argnums=(0, 1)))(x, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
