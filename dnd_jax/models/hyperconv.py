@@ -316,7 +316,8 @@ def gemm_conv(x, kernel, spec, dtype):
     x is brought to [B, Sr, Sc, C]; Sc is unrolled into its k taps (im2col along one axis only: k times
     x in `dtype`), and one GEMM [B (Sr + k - 1) Sc, k C] x [k C, k O] gives every tap of the other axis at
     once; summing its k row-shifted blocks is the conv. With dtype bfloat16 the GEMM is a bf16 x bf16 ->
-    float32 dot, which XLA runs on AMX / AVX-512-BF16 units (5-10x its bf16 convs, which do not use them).
+    float32 dot, which XLA runs on AMX / AVX-512-BF16 units; its own convs do not use them (mid config's
+    first ConvW, forward + backward on 2 AMX cores: 0.46 s, bf16 lax.conv 1.23 s, fp32 FFT 0.98 s).
     Sr is the longer spatial axis (the shift sum wastes (k - 1) / Sr of the GEMM's rows).
     """
     k = kernel.shape[0]
