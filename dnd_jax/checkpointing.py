@@ -24,6 +24,25 @@ class _NotOrbax(logging.Filter):
 logging.getLogger("absl").addFilter(_NotOrbax())
 
 
+class _NotOrbaxDiskFull(logging.Filter):
+    """A failed async save can also surface as asyncio's "Task exception was never retrieved" (when the
+    task is garbage-collected, so only sometimes) with the full traceback of the write: dropped when it is
+    a disk-full error raised inside orbax, which the save's caller already reports in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not disk_full(exc):
+            return True
+        tb, frames = exc.__traceback__, []
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        return not any("/orbax/" in f for f in frames)
+
+
+logging.getLogger("asyncio").addFilter(_NotOrbaxDiskFull())
+
+
 def _quiet_closed_loop(hook):
     """After an async save fails, orbax closes its event loop while tensorstore still completes writes on
     its own threads; each completion reports "RuntimeError: Event loop is closed" as an unraisable
