@@ -50,6 +50,11 @@ def _set(c, dotted: str, value) -> None:
     node[last] = value
 
 
+def suite_settings(suite):
+    """A copy of the suite config without its `ablations` field: the reference arm, and every arm's base."""
+    return ml_collections.ConfigDict({k: copy.deepcopy(suite[k]) for k in suite.keys() if k != "ablations"})
+
+
 def arm_config(suite, group: str, arg: str, smoke: bool):
     """The config of arm `configs/ablations/<group>.py:<arg>`: its changes to the common ablation config,
     applied to a copy of the suite config (without the suite's `ablations` field)."""
@@ -65,7 +70,7 @@ def arm_config(suite, group: str, arg: str, smoke: bool):
     except ValueError as e:
         raise DndError(f"config field ablations.{group}: configs/ablations/{group}.py:{full_arg}: {e}") from None
     base = flatten(common.get_config(smoke))
-    c = ml_collections.ConfigDict({k: copy.deepcopy(suite[k]) for k in suite.keys() if k != "ablations"})
+    c = suite_settings(suite)
     for k, v in flatten(arm).items():
         if base.get(k, _MISSING) != v:
             _set(c, k, v)
@@ -105,8 +110,7 @@ def run_ablations(suite, workdir: str | Path, report_dir: str | Path | None = No
     if not any(c.experiment.variant == "reference" for _, _, c in configs):
         # every table compares with the reference arm (and it writes the shared baselines): run it even when
         # no group lists it, as the suite's own settings
-        configs.insert(0, ("reference", "prompts", ml_collections.ConfigDict(
-            {k: copy.deepcopy(suite[k]) for k in suite.keys() if k != "ablations"})))  # fmt: skip
+        configs.insert(0, ("reference", "prompts", suite_settings(suite)))
     if report_only:
         if not (Path(workdir) / "stages.json").is_file():
             raise DndError(f"{workdir}: no ablation run here yet (run without --report_only first)")

@@ -88,10 +88,10 @@ def conv(x, kernel, spec, dtype, impl: str = "direct", mesh=None):
     With `mesh` (a multi-device mesh whose size divides the batch) an FFT conv runs per batch shard
     inside `shard_map`, the kernel gathered whole onto every device (see `fft_conv` for why).
     """
-    if impl == "fft" and jnp.dtype(dtype) == jnp.float32:
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if impl == "fft" and x.dtype == jnp.float32:
         plan = fft_plan(x.shape, kernel.shape, spec)
         if plan is not None:
-            x, kernel = x.astype(dtype), kernel.astype(dtype)
             if mesh is None:
                 PATHS["fft"] += 1
                 return fft_conv(x, kernel, spec, plan)
@@ -100,13 +100,17 @@ def conv(x, kernel, spec, dtype, impl: str = "direct", mesh=None):
             batch[spec[0]] = tuple(mesh.axis_names)
             local = functools.partial(fft_conv, spec=spec, axis=plan)
             return jax.shard_map(local, mesh=mesh, in_specs=(P(*batch), P()), out_specs=P(*batch))(x, kernel)
-    if impl == "gemm" and jnp.dtype(dtype) != jnp.float32:
+    if impl == "gemm" and x.dtype != jnp.float32:
         PATHS["gemm"] += 1
         return gemm_conv(x, kernel, spec, dtype)
     PATHS["direct"] += 1
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    small = kernel.shape[0] > 1 and _im2col_bytes(x, kernel) <= GEMM_BACKWARD_BYTES
-    if impl == "fft" and mesh is None and x.dtype == jnp.float32 and small:
+    if (
+        impl == "fft"
+        and mesh is None
+        and x.dtype == jnp.float32
+        and kernel.shape[0] > 1
+        and (_im2col_bytes(x, kernel) <= GEMM_BACKWARD_BYTES)
+    ):
         PATHS["gemm_backward"] += 1  # a direct conv whose backward runs as GEMMs (`direct_conv_gemm_backward`)
         return direct_conv_gemm_backward(x, kernel, spec)
     return _direct_conv(x, kernel, spec)
