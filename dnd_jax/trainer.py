@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dnd_jax import sharding
+from dnd_jax import fast_random, sharding
 from dnd_jax.checkpointing import Checkpointer
 from dnd_jax.config_cli import check_same_config, config_dict, save_config
 from dnd_jax.data import pairs
@@ -245,9 +245,9 @@ def make_steps(config, graphdef, enc_graphdef, tx, schedule, key_length: int | N
     def loss_fn(params, enc_state, batch, weight, key):
         k_drop, k_cond, k_tgt = jax.random.split(key, 3)
         cond = condition(enc_state, batch, k_drop if e.train_dropout else None)
-        cond = cond + t.noise_condition * jax.random.normal(k_cond, cond.shape, jnp.float32)
+        cond = cond + t.noise_condition * fast_random.normal(k_cond, cond.shape)
         pred = nnx.merge(graphdef, params)(cond.astype(compute))
-        target = batch["tokens"] + t.noise_target * jax.random.normal(k_tgt, batch["tokens"].shape, jnp.float32)
+        target = batch["tokens"] + t.noise_target * fast_random.normal(k_tgt, batch["tokens"].shape)
         loss = weighted_mse(pred, target, weight)
         return loss, (jnp.mean(jnp.square(pred.astype(jnp.float32))), jnp.mean(jnp.square(batch["tokens"])))
 

@@ -125,7 +125,7 @@ def _direct_conv(x, kernel, spec):
 # forward's FLOP rate; `direct_conv_gemm_backward` does it as two GEMMs over the k^2-tap im2col of the
 # input, which costs k^2 times the input's bytes: used up to this size (the smoke config's 64 -> 4770
 # token conv: forward + backward 0.67 s -> 0.37 s on 2 AMX Xeon cores).
-GEMM_BACKWARD_BYTES = 64 << 20
+GEMM_BACKWARD_BYTES = 16 << 20
 
 
 def _im2col_bytes(x, kernel) -> int:

@@ -1,0 +1,127 @@
+"""The whole training step as the trainer runs it, raced against the original's whole step in PyTorch.
+
+  PYTHONPATH=. python benchmarks/trainer_step.py [--configs demo,many_task_smollm2] [--repeats 5]
+
+JAX: `trainer.make_steps`' train step, jitted with the state donated: the frozen all-MiniLM-L6-v2 encoder
+with dropout on (as the original), noise on the condition (1e-4) and on the targets (1e-5), the generator's
+forward and backward, the weighted MSE and clipped AdamW. It runs twice, once with `dnd_jax.fast_random`
+(the trainer's default) and once with `jax.random`, to show what the noise and the dropout masks cost.
+PyTorch: the same step as the original runs it: BertModel in train mode (dropout 0.1) without gradients,
+torch.randn noise, the generator (benchmarks/torch_hyperconv.py), the same loss, backward,
+clip_grad_norm_ and AdamW. A batch is batch_size x num_texts prompts of random words, max_text_length
+tokens each, with random targets; the shapes and the generator come from the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+
+from benchmarks.cpuinfo import describe
+from benchmarks.torch_hyperconv import TorchHyperConvDecoder
+from dnd_jax import fast_random, trainer
+from dnd_jax.assets import resolve_model
+from dnd_jax.extractors import load_extractor
+from dnd_jax.models.encoder import keys_needed, tokenize_prompts
+from dnd_jax.models.hyperconv import HyperConvDecoder, cpu_kind
+
+
+def time_it(fn, repeats: int) -> float:
+    fn()  # compile / warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def make_batch(config, tok, seed=0):
+    d, t = config.data, config.train
+    rng = np.random.default_rng(seed)
+    words = ["what", "is", "the", "answer", "to", "this", "question", "about", "science", "and", "plants"]
+    n = t.batch_size * d.num_texts
+    prompts = [" ".join(rng.choice(words, size=int(rng.integers(10, 60)))) for _ in range(n)]
+    ids, mask = tokenize_prompts(tok, prompts, d.max_text_length)
+    shape = (t.batch_size, d.num_texts, d.max_text_length)
+    tokens = rng.standard_normal((t.batch_size, *config.model.features[-1])).astype(np.float32)
+    return ids.reshape(shape), mask.reshape(shape), tokens
+
+
+def jax_step_time(config, encoder, ids, mask, tokens, repeats: int) -> float:
+    gen = trainer.generator_config(config)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: HyperConvDecoder(gen, nnx.Rngs(0))), nnx.Param)
+    enc_graphdef, enc_state = nnx.split(encoder)
+    tx, schedule = trainer.make_optimizer(config)
+    train_step, _ = trainer.make_steps(config, graphdef, enc_graphdef, tx, schedule, keys_needed(mask))
+    step = jax.jit(train_step, donate_argnums=(0,))
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "tokens": jnp.asarray(tokens)}
+    weight = jnp.ones((tokens.shape[1],), jnp.float32)
+    box = {"state": jax.jit(trainer.make_init_state(config))()}
+
+    def run():
+        box["state"], metrics = step(box["state"], enc_state, batch, weight)
+        metrics["loss"].block_until_ready()
+
+    return time_it(run, repeats)
+
+
+def torch_step_time(config, bert, ids, mask, tokens, repeats: int) -> float:
+    t, m = config.train, config.model
+    model = TorchHyperConvDecoder(m.features, m.kernel_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    b, n, length = ids.shape
+    t_ids, t_mask = torch.tensor(ids.reshape(b * n, length), dtype=torch.long), torch.tensor(mask.reshape(b * n, -1))
+    y = torch.from_numpy(tokens)
+    w = torch.ones(y.shape[1])[None, :, None, None]
+
+    def run():
+        opt.zero_grad()
+        with torch.no_grad():  # frozen encoder, dropout on (train mode)
+            cond = bert(input_ids=t_ids, attention_mask=t_mask).last_hidden_state.reshape(b, n, length, -1)
+        cond = cond + t.noise_condition * torch.randn_like(cond)
+        target = y + t.noise_target * torch.randn_like(y)
+        loss = (w * (model(cond) - target) ** 2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        opt.step()
+
+    return time_it(run, repeats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="demo,many_task_smollm2", help="modules under configs/, comma-separated")
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args()
+    print(f"{describe()}; JAX {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")  # fmt: skip
+    kind = cpu_kind()
+    for name in a.configs.split(","):
+        config = importlib.import_module(f"configs.{name}").get_config()
+        encoder, tok = load_extractor(config.encoder)
+        ids, mask, tokens = make_batch(config, tok)
+        bert = transformers.BertModel.from_pretrained(resolve_model(config.encoder.path)).train()
+        tt = torch_step_time(config, bert, ids, mask, tokens, a.repeats)
+        b, n, length = ids.shape
+        print(f"[{kind}] {name}: batch {b} x {n} prompts x {length} tokens -> {tuple(config.model.features[-1])} "
+              f"tokens, k {config.model.kernel_size}; PyTorch (the original's step): {tt:.3f} s", flush=True)  # fmt: skip
+        for fast in (True, False):
+            fast_random.ENABLED = fast
+            jt = jax_step_time(config, encoder, ids, mask, tokens, a.repeats)
+            tag = "dnd_jax.fast_random (default)" if fast else "jax.random"
+            print(f"[{kind}] {name}: JAX step, noise and dropout from {tag:29s}: {jt:.3f} s, {tt / jt:.2f}x PyTorch",
+                  flush=True)  # fmt: skip
+        fast_random.ENABLED = True
+
+
+if __name__ == "__main__":
+    main()
