@@ -112,8 +112,9 @@ def main() -> None:
         bert = transformers.BertModel.from_pretrained(resolve_model(config.encoder.path)).train()
         tt = torch_step_time(config, bert, ids, mask, tokens, a.repeats)
         b, n, length = ids.shape
-        print(f"[{kind}] {name}: batch {b} x {n} prompts x {length} tokens -> {tuple(config.model.features[-1])} "
-              f"tokens, k {config.model.kernel_size}; PyTorch (the original's step): {tt:.3f} s", flush=True)  # fmt: skip
+        out, k = tuple(config.model.features[-1]), config.model.kernel_size
+        print(f"[{kind}] {name}: batch {b} x {n} prompts x {length} tokens -> {out} tokens, k {k}; "
+              f"PyTorch (the original's step): {tt:.3f} s", flush=True)  # fmt: skip
         for fast in (True, False):
             fast_random.ENABLED = fast
             jt = jax_step_time(config, encoder, ids, mask, tokens, a.repeats)
