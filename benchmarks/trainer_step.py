@@ -1,6 +1,6 @@
 """The whole training step as the trainer runs it, raced against the original's whole step in PyTorch.
 
-  PYTHONPATH=. python benchmarks/trainer_step.py [--configs demo,many_task_smollm2] [--repeats 5]
+  PYTHONPATH=. python benchmarks/trainer_step.py [--configs demo,many_task_smollm2] [--repeats 5] [--dtype bfloat16]
 
 JAX: `trainer.make_steps`' train step, jitted with the state donated: the frozen all-MiniLM-L6-v2 encoder
 with dropout on (as the original), noise on the condition (1e-4) and on the targets (1e-5), the generator's
@@ -9,7 +9,10 @@ forward and backward, the weighted MSE and clipped AdamW. It runs twice, once wi
 PyTorch: the same step as the original runs it: BertModel in train mode (dropout 0.1) without gradients,
 torch.randn noise, the generator (benchmarks/torch_hyperconv.py), the same loss, backward,
 clip_grad_norm_ and AdamW. A batch is batch_size x num_texts prompts of random words, max_text_length
-tokens each, with random targets; the shapes and the generator come from the config.
+tokens each, with random targets; the shapes and the generator come from the config. `--dtype bfloat16`
+sets the encoder's and the generator's compute dtype (the original's autocast; the generator's last layer
+stays float32 as configured) and runs the PyTorch step under `torch.autocast("cpu", torch.bfloat16)`, as the
+original trains.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def jax_step_time(config, encoder, ids, mask, tokens, repeats: int) -> float:
     return time_it(run, repeats)
 
 
-def torch_step_time(config, bert, ids, mask, tokens, repeats: int) -> float:
+def torch_step_time(config, bert, ids, mask, tokens, repeats: int, autocast: bool = False) -> float:
     t, m = config.train, config.model
     model = TorchHyperConvDecoder(m.features, m.kernel_size)
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -85,11 +88,12 @@ def torch_step_time(config, bert, ids, mask, tokens, repeats: int) -> float:
 
     def run():
         opt.zero_grad()
-        with torch.no_grad():  # frozen encoder, dropout on (train mode)
-            cond = bert(input_ids=t_ids, attention_mask=t_mask).last_hidden_state.reshape(b, n, length, -1)
-        cond = cond + t.noise_condition * torch.randn_like(cond)
-        target = y + t.noise_target * torch.randn_like(y)
-        loss = (w * (model(cond) - target) ** 2).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.no_grad():  # frozen encoder, dropout on (train mode)
+                cond = bert(input_ids=t_ids, attention_mask=t_mask).last_hidden_state.reshape(b, n, length, -1)
+            cond = cond + t.noise_condition * torch.randn_like(cond)
+            target = y + t.noise_target * torch.randn_like(y)
+            loss = (w * (model(cond).float() - target) ** 2).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         opt.step()
@@ -101,20 +105,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="demo,many_task_smollm2", help="modules under configs/, comma-separated")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", default="float32", help="encoder and generator compute dtype (bfloat16: autocast)")
     a = ap.parse_args()
     print(f"{describe()}; JAX {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")  # fmt: skip
     kind = cpu_kind()
     for name in a.configs.split(","):
         config = importlib.import_module(f"configs.{name}").get_config()
+        config.encoder.dtype = config.model.compute_dtype = a.dtype
         encoder, tok = load_extractor(config.encoder)
         ids, mask, tokens = make_batch(config, tok)
         bert = transformers.BertModel.from_pretrained(resolve_model(config.encoder.path)).train()
-        tt = torch_step_time(config, bert, ids, mask, tokens, a.repeats)
+        tt = torch_step_time(config, bert, ids, mask, tokens, a.repeats, autocast=a.dtype != "float32")
         b, n, length = ids.shape
         out, k = tuple(config.model.features[-1]), config.model.kernel_size
+        ref = "the original's step" + (", bf16 autocast" if a.dtype != "float32" else "")
         print(f"[{kind}] {name}: batch {b} x {n} prompts x {length} tokens -> {out} tokens, k {k}; "
-              f"PyTorch (the original's step): {tt:.3f} s", flush=True)  # fmt: skip
+              f"{a.dtype}; PyTorch ({ref}): {tt:.3f} s", flush=True)  # fmt: skip
         for fast in (True, False):
             fast_random.ENABLED = fast
             jt = jax_step_time(config, encoder, ids, mask, tokens, a.repeats)

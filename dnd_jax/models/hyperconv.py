@@ -124,7 +124,9 @@ def _direct_conv(x, kernel, spec):
 # XLA's CPU conv backward (both the input and the kernel gradient) runs at a third to a fifth of its
 # forward's FLOP rate; `direct_conv_gemm_backward` does it as two GEMMs over the k^2-tap im2col of the
 # input, which costs k^2 times the input's bytes: used up to this size (the smoke config's 64 -> 4770
-# token conv: forward + backward 0.67 s -> 0.37 s on 2 AMX Xeon cores).
+# token conv, a 12 MB im2col: forward + backward 0.67 s -> 0.37 s on 2 AMX Xeon cores). Larger im2cols
+# no longer pay: its first ConvW and ConvH (28 MB each, 96 and 16 output channels) took 45 and 35 ms with
+# it against 21 and 10 ms without (64 MiB before; smoke step 0.65 -> 0.60 s).
 GEMM_BACKWARD_BYTES = 16 << 20
 
 
