@@ -69,7 +69,8 @@ def main() -> None:
         t_torch = bench(run_torch, args.repeats)
         t_auto = bench(lambda: run_torch(autocast=True), args.repeats)
         want = run_torch().numpy()
-        chunk = even_chunk(n, auto_chunk(BertConfig(), length))
+        dtypes = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+        chunks = {dt: even_chunk(n, auto_chunk(BertConfig(), length, d)) for dt, d in dtypes.items()}
         keys = keys_needed(mask)
         print(f"{n} prompts x {length} tokens (CPU kind {cpu_kind()}):")
         print(f"  PyTorch BertModel fp32                : {t_torch:8.4f} s  ({n / t_torch:7.1f} prompts/s)  baseline")
@@ -77,9 +78,9 @@ def main() -> None:
               f"{t_torch / t_auto:.2f}x PyTorch fp32 (the baseline of the bf16 rows)")  # fmt: skip
         x, m = jnp.asarray(ids), jnp.asarray(mask)
         runs = [
-            (f"fp32, chunks of {chunk}, {keys} keys", "fp32", None, keys),
-            (f"fp32, chunks of {chunk}, all {length} keys", "fp32", None, None),
-            (f"bf16, chunks of {chunk}, {keys} keys", "bf16", None, keys),
+            (f"fp32, chunks of {chunks['fp32']}, {keys} keys", "fp32", None, keys),
+            (f"fp32, chunks of {chunks['fp32']}, all {length} keys", "fp32", None, None),
+            (f"bf16, chunks of {chunks['bf16']}, {keys} keys", "bf16", None, keys),
         ]
         if args.all_at_once:
             runs.insert(2, (f"fp32, all at once, {length} keys", "fp32", 0, None))

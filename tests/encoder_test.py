@@ -56,6 +56,8 @@ def test_matches_pytorch_bert_last_hidden_state(minilm):
     assert ids.shape == (22, 384) and mask[-1].all() and mask[-2].all()  # the long ones are truncated
     assert len(set(mask.sum(1).tolist())) > 10  # many different lengths
     assert enc_lib.auto_chunk(enc.cfg, 384) == 1  # on CPU the default encodes one prompt at a time (lax.map)
+    assert enc_lib.auto_chunk(enc.cfg, 384, jnp.bfloat16) == 1  # bf16: 8x the texts, still 1 at 384 tokens
+    assert (enc_lib.auto_chunk(enc.cfg, 32), enc_lib.auto_chunk(enc.cfg, 32, jnp.bfloat16)) == (21, 170)
     got = np.asarray(jax.jit(lambda a, b: enc(a, b))(ids, mask))
     at_once = np.asarray(jax.jit(lambda a, b: enc(a, b, chunk=0))(ids, mask))
     np.testing.assert_allclose(got, at_once, atol=1e-4)  # float32 order; [PAD] rows are ill-conditioned

@@ -153,7 +153,7 @@ class BertEncoder(nnx.Module):
         ids = input_ids.reshape(-1, seg)
         mask = attention_mask.reshape(-1, seg)
         kl = seg if key_length is None or seg < length else min(int(key_length), seg)
-        chunk = auto_chunk(self.cfg, seg) if chunk is None else chunk
+        chunk = auto_chunk(self.cfg, seg, self.layers[0].dtype) if chunk is None else chunk
         x = encode_in_chunks(functools.partial(self._encode, key_length=kl), ids, mask, key, chunk)
         if mask_padding:
             x = x * mask[..., None].astype(x.dtype)
@@ -177,16 +177,20 @@ class BertEncoder(nnx.Module):
 
 # Attention scores of one chunk (texts x heads x L x L float32) kept under this many bytes on CPU.
 # 128 x 384-token prompts, MiniLM-L6, 2 cores: all at once 16.4 s, 1 per chunk 5.9 s (PyTorch 6.6 s);
-# 64 x 48 tokens: 0.30 s at once, 8 per chunk 0.27 s (benchmarks/encoder_bench.py).
+# 64 x 48 tokens: 0.30 s at once, 8 per chunk 0.27 s (benchmarks/encoder_bench.py). bf16 x bf16 -> f32
+# dots reach the AMX units' rates only on larger GEMMs, so bf16 encoders take 8x larger chunks (2 AMX
+# Xeon cores, bf16: 32 x 32 tokens 0.049 -> 0.047 s, 64 x 48 0.160 -> 0.140 s; 128 x 384 still 1 per chunk).
 _CHUNK_SCORE_BYTES = 1 << 20
+_CHUNK_SCORE_BYTES_BF16 = 8 << 20
 
 
-def auto_chunk(cfg, length: int) -> int:
-    """Texts per chunk: on CPU as many as keep one chunk's attention scores under 1 MiB (at least 1);
-    0 (all at once) on GPU/TPU, whose attention kernels need no help."""
+def auto_chunk(cfg, length: int, dtype=jnp.float32) -> int:
+    """Texts per chunk: on CPU as many as keep one chunk's attention scores under 1 MiB (8 MiB for matmuls
+    in a 16-bit `dtype`; at least 1); 0 (all at once) on GPU/TPU, whose attention kernels need no help."""
     if jax.default_backend() != "cpu":
         return 0
-    return max(1, _CHUNK_SCORE_BYTES // (cfg.num_heads * length * length * 4))
+    budget = _CHUNK_SCORE_BYTES if jnp.dtype(dtype).itemsize >= 4 else _CHUNK_SCORE_BYTES_BF16
+    return max(1, budget // (cfg.num_heads * length * length * 4))
 
 
 def keys_needed(*masks, multiple: int = 8) -> int:
