@@ -207,8 +207,8 @@ CASES = [
     # ---- training itself
     Case("NaN loss", lambda r: _train(r, **{"train.learning_rate": 1e30, "train.steps": 4}),
          ("work", "non-finite loss", "train.learning_rate"), new_ok=("exp/tokens/", "work/")),
-    # orbax writes a checkpoint as several data files whose sizes vary with the writes' timing (the largest of
-    # this one's: 0.44-1.0 MB), so the limit sits well below them, with the token store prepared beforehand.
+    # orbax writes a checkpoint as several data files whose sizes vary with the writes' timing (in one run all
+    # were 0.06-0.95 MB, under the old 1 MB limit), so the limit sits well below them, the token store ready.
     Case("disk full during a checkpoint", lambda r: _train(r, **{"train.steps": 2}), ("work/checkpoints", "no space"),
          new_ok=("work/",), fsize_limit=200_000, tokens_ready=True),
     # ---- collect
