@@ -15,7 +15,6 @@ difference to PyTorch's fp32 output.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,20 +24,11 @@ import transformers
 from flax import nnx
 
 from benchmarks.cpuinfo import describe
+from benchmarks.timing import random_prompts, time_it
 from dnd_jax.assets import minilm_path
 from dnd_jax.extractors import load_bert, load_tokenizer
 from dnd_jax.models.encoder import BertConfig, auto_chunk, even_chunk, keys_needed, tokenize_prompts
 from dnd_jax.models.hyperconv import cpu_kind
-
-
-def bench(fn, repeats):
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.mean(times))
 
 
 def main() -> None:
@@ -52,13 +42,12 @@ def main() -> None:
     ref = transformers.BertModel.from_pretrained(path).eval()
     print(f"{describe()}; JAX {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); all-MiniLM-L6-v2")  # fmt: skip
-    encoders = {name: nnx.split(load_bert(path, dtype=dt)) for name, dt in (("fp32", jnp.float32),
-                                                                                ("bf16", jnp.bfloat16))}  # fmt: skip
+    dtypes = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+    encoders = {name: nnx.split(load_bert(path, dtype=dt)) for name, dt in dtypes.items()}
     for size in args.sizes.split(","):
         n, length = (int(v) for v in size.split("x"))
         rng = np.random.default_rng(0)
-        words = ["what", "is", "the", "answer", "to", "this", "question", "about", "science", "and", "plants"]
-        prompts = [" ".join(rng.choice(words, size=int(rng.integers(20, 120)))) for _ in range(n)]
+        prompts = random_prompts(rng, n, 20, 120)
         ids, mask = tokenize_prompts(tok, prompts, length)
         t_ids, t_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
 
@@ -66,10 +55,9 @@ def main() -> None:
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 return ref(input_ids=t_ids, attention_mask=t_mask).last_hidden_state
 
-        t_torch = bench(run_torch, args.repeats)
-        t_auto = bench(lambda: run_torch(autocast=True), args.repeats)
+        t_torch = time_it(run_torch, args.repeats)
+        t_auto = time_it(lambda: run_torch(autocast=True), args.repeats)
         want = run_torch().numpy()
-        dtypes = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
         chunks = {dt: even_chunk(n, auto_chunk(BertConfig(), length, d)) for dt, d in dtypes.items()}
         keys = keys_needed(mask)
         print(f"{n} prompts x {length} tokens (CPU kind {cpu_kind()}):")
@@ -88,7 +76,7 @@ def main() -> None:
             graphdef, state = encoders[dt]
             f = jax.jit(lambda s, a, b, g=graphdef, ch=ch, kl=kl: nnx.merge(g, s)(a, b, chunk=ch, key_length=kl))
             got = np.asarray(f(state, x, m).astype(jnp.float32))
-            t = bench(lambda f=f, s=state, x=x, m=m: f(s, x, m).block_until_ready(), args.repeats)
+            t = time_it(lambda f=f, s=state, x=x, m=m: f(s, x, m).block_until_ready(), args.repeats)
             base, tag = (t_auto, "PyTorch bf16 autocast") if dt == "bf16" else (t_torch, "PyTorch")
             print(f"  Flax {name:33s}: {t:8.4f} s  ({n / t:7.1f} prompts/s)  {base / t:.2f}x {tag}; "
                   f"max |diff| to fp32 PyTorch {np.abs(got - want).max():.1e}")  # fmt: skip

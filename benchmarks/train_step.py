@@ -13,7 +13,6 @@ per sample forward) needs an accelerator.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import torch
 from flax import nnx
 
 from benchmarks.cpuinfo import describe
+from benchmarks.timing import time_it
 from benchmarks.torch_hyperconv import TorchHyperConvDecoder
 from configs.base import PAPER_FEATURES, SMOLLM2_TOKENS
 from dnd_jax.models import hyperconv
@@ -33,14 +33,6 @@ CONFIGS = {
     "mid": (((32, 64, 384), (32, 50, 200), (64, 25, 200), (128, 10, 200), (256, 10, 130)), 9, 4),
     "full": (PAPER_FEATURES, 9, 4),
 }
-
-
-def time_it(fn, repeats: int) -> float:
-    fn()  # compile / warm-up
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t) / repeats
 
 
 def jax_step_time(features, k, batch, dtype, repeats, conv_impl="auto"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ import transformers
 from flax import nnx
 
 from benchmarks.cpuinfo import describe
+from benchmarks.timing import random_prompts, time_it
 from benchmarks.torch_hyperconv import TorchHyperConvDecoder
 from dnd_jax import fast_random, trainer
 from dnd_jax.assets import resolve_model
@@ -37,22 +37,10 @@ from dnd_jax.models.encoder import keys_needed, tokenize_prompts
 from dnd_jax.models.hyperconv import HyperConvDecoder, cpu_kind
 
 
-def time_it(fn, repeats: int) -> float:
-    fn()  # compile / warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def make_batch(config, tok, seed=0):
     d, t = config.data, config.train
     rng = np.random.default_rng(seed)
-    words = ["what", "is", "the", "answer", "to", "this", "question", "about", "science", "and", "plants"]
-    n = t.batch_size * d.num_texts
-    prompts = [" ".join(rng.choice(words, size=int(rng.integers(10, 60)))) for _ in range(n)]
+    prompts = random_prompts(rng, t.batch_size * d.num_texts, 10, 60)
     ids, mask = tokenize_prompts(tok, prompts, d.max_text_length)
     shape = (t.batch_size, d.num_texts, d.max_text_length)
     tokens = rng.standard_normal((t.batch_size, *config.model.features[-1])).astype(np.float32)
@@ -74,7 +62,7 @@ def jax_step_time(config, encoder, ids, mask, tokens, repeats: int) -> float:
         box["state"], metrics = step(box["state"], enc_state, batch, weight)
         metrics["loss"].block_until_ready()
 
-    return time_it(run, repeats)
+    return time_it(run, repeats, np.median)
 
 
 def torch_step_time(config, bert, ids, mask, tokens, repeats: int, autocast: bool = False) -> float:
@@ -98,7 +86,7 @@ def torch_step_time(config, bert, ids, mask, tokens, repeats: int, autocast: boo
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         opt.step()
 
-    return time_it(run, repeats)
+    return time_it(run, repeats, np.median)
 
 
 def main() -> None:

@@ -99,9 +99,7 @@ def normal(key, shape, dtype=jnp.float32):
 
 def bernoulli(key, p, shape):
     """jax.random.bernoulli(key, p, shape): True with probability p (a Python float or float32 scalar)."""
-    if shape is None or np.ndim(p) or jnp.result_type(p) != jnp.float32:
-        return jax.random.bernoulli(key, p, shape)
-    shape = tuple(int(d) for d in shape)
-    if not _supported(key, shape, jnp.float32):
+    shape = None if shape is None else tuple(int(d) for d in shape)
+    if shape is None or np.ndim(p) or jnp.result_type(p) != jnp.float32 or not _supported(key, shape, jnp.float32):
         return jax.random.bernoulli(key, p, shape)
     return _uniform(key, shape, 0.0, 1.0) < p
