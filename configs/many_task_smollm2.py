@@ -124,6 +124,11 @@ def get_config(arg=None):
     c.experiment.folds = 5
     c.experiment.split = "random"
     c.experiment.fold_seed = 0
+    # Near-copy tasks kept in one fold whatever the split (comma-separated groups). Tasks that share test items
+    # with another task's train split are found and linked by the leak check (dnd_jax/experiments/leaks.py).
+    c.experiment.linked = ("ARC-c,ARC-e", "social_iqa,SIQA")
+    # Generator seeds: every fold's generator is trained once per seed; the CIs resample them (per fold).
+    c.experiment.seeds = (999, 1000)
     # Primary metric, fixed before any run: mean NLL per gold-response token (chat format).
     c.experiment.primary = "nll"
     # Test items scored per held-out task (first N of the test split), for every adapter.

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from dnd_jax.errors import DndError
-from dnd_jax.experiment import cv_dir, paired
-from dnd_jax.experiment_report import LABELS, ROWS, TIE, _fmt_ci, _rel
+from dnd_jax.experiment_report import LABELS, ROWS, TIE, _fmt_ci, _rel, seed_values, task_mean
+from dnd_jax.experiments.folds import cv_dir
+from dnd_jax.experiments.stats import paired
 
 TITLES = {
     "reference": "Reference arm (no group of ablations.groups lists it)",
@@ -36,12 +37,13 @@ def _nll(entry: dict) -> float:
 
 
 def _arm_values(vdir: Path, held: list[str]) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """(per-task mean NLL of the arm's adapters, per-task NLL of its own control or None), or None if unscored."""
+    """(per-task and seed mean NLL of the arm's adapters [tasks, seeds], per-task NLL of its own control or
+    None), or None if unscored."""
     files = [vdir / "scores" / f"{t}.json" for t in held]
     if not all(f.is_file() for f in files):
         return None
     rows = [json.loads(f.read_text()) for f in files]
-    gen = np.asarray([np.mean([_nll(x) for x in r["generated"]]) for r in rows])
+    gen = np.asarray([seed_values(r, "nll", "nll") for r in rows])
     own = np.asarray([_nll(r["control"]) for r in rows]) if all("control" in r for r in rows) else None
     return gen, own
 
@@ -86,6 +88,7 @@ def write_ablation_report(suite, configs: list[tuple[str, str, object]], workdir
     folds = json.loads((cv / "folds.json").read_text())["folds"]
     run = [f for f in folds if not e.run_folds or f["fold"] in e.run_folds]
     held = [t for f in run for t in f["heldout"]]
+    groups = np.asarray([f["fold"] for f in run for _ in f["heldout"]])
     missing = [t for t in held if not (cv / "scores" / f"{t}.json").is_file()]
     if missing:
         raise DndError(f"{cv / 'scores'}: no baseline scores of {', '.join(missing)} yet (the reference arm's "
@@ -104,13 +107,14 @@ def write_ablation_report(suite, configs: list[tuple[str, str, object]], workdir
          f"{', '.join(str(f['fold']) for f in run)} run), the same held-out tasks, test items and baselines. "
          f"Primary metric: mean NLL per gold-response token on the first {e.limit} test items of each held-out "
          "task (lower is better). A cell *vs X* is the per-task difference X - arm, averaged over tasks (positive "
-         f"= the arm is better), with its 95 % percentile bootstrap CI over tasks ({nb} resamples) and the arm's "
+         f"= the arm is better), with its 95 % percentile bootstrap CI ({nb} resamples of tasks, and of each fold's "
+         "generator seeds, shared by the fold's tasks: the CI covers the generators' training noise) and the arm's "
          f"wins / ties / losses (tie: |d| <= {TIE}). The *reference* arm (prompts, {ref.data.num_texts} texts, every "
          "training task of the fold, Sentence-BERT) is the same run in every table.\n"]  # fmt: skip
     L.append("## Baselines (the same in every table)\n")
     L.append("| row | mean NLL | median |\n|---|---|---|")
     L += [f"| {LABELS[r]} | {base[r].mean():.4f} | {np.median(base[r]):.4f} |" for r in ROWS]
-    L += _reading(cv, run, base, ref_vals, nb, seed)
+    L += _reading(cv, run, base, ref_vals, nb, seed, groups)
     per_task = {}
     for group in dict.fromkeys(g for g, _, _ in configs):
         arms = [(arg, c) for g, arg, c in configs if g == group]
@@ -125,14 +129,15 @@ def write_ablation_report(suite, configs: list[tuple[str, str, object]], workdir
                 L.append(f"| {arg} | {v} | not run | | | | | | | |")
                 continue
             g, own_control = vals
-            per_task[v] = g
-            vs_ref = "-" if v == "reference" or ref_vals is None else _cell(paired(g, ref_vals[0], nb, seed, TIE))
-            cells = [_cell(paired(g, base[r], nb, seed, TIE)) for r in COMPARE]
+            per_task[v] = task_mean(g)
+            no_ref = v == "reference" or ref_vals is None
+            vs_ref = "-" if no_ref else _cell(paired(g, ref_vals[0], nb, seed, TIE, groups))
+            cells = [_cell(paired(g, base[r], nb, seed, TIE, groups)) for r in COMPARE]
             train_s, per = _times(workdir, cv, _resolve(c, workdir), held)
             L.append(f"| {arg} | {v} | {g.mean():.4f} | {vs_ref} | " + " | ".join(cells)
                      + f" | {_secs(train_s)} | {_secs(per, 4)} |")  # fmt: skip
             if own_control is not None:
-                d = paired(g, own_control, nb, seed, TIE)
+                d = paired(g, own_control, nb, seed, TIE, groups)
                 notes.append(f"- {v}: vs its own prompt-blind control (the mean of its {c.experiment.train_tasks} "
                              f"training tasks' checkpoints, NLL {own_control.mean():.4f}): {_cell(d)}")  # fmt: skip
         L += ["", *notes] if notes else []
@@ -177,11 +182,11 @@ def write_ablation_report(suite, configs: list[tuple[str, str, object]], workdir
     return path
 
 
-def _reading(cv: Path, run: list[dict], base: dict, ref_vals, nb: int, seed: int) -> list[str]:
+def _reading(cv: Path, run: list[dict], base: dict, ref_vals, nb: int, seed: int, groups) -> list[str]:
     """What the reference arm's numbers say before any arm is compared with it (computed, not typed in)."""
     if ref_vals is None:
         return []
-    d = paired(ref_vals[0], base["control"], nb, seed, TIE)
+    d = paired(ref_vals[0], base["control"], nb, seed, TIE, groups)
     out = [
         "\n## Reading the reference arm\n",
         f"- The reference arm vs the prompt-blind control: {_cell(d)}; it "
@@ -189,8 +194,8 @@ def _reading(cv: Path, run: list[dict], base: dict, ref_vals, nb: int, seed: int
         + " the control with a CI that excludes zero.",
     ]
     for f in run:
-        m = cv / "reference" / f"fold-{f['fold']}" / "train" / "metrics.jsonl"
-        rows = [json.loads(x) for x in m.read_text().splitlines()] if m.is_file() else []
+        m = next(iter(sorted((cv / "reference" / f"fold-{f['fold']}").glob("seed-*/train/metrics.jsonl"))), None)
+        rows = [json.loads(x) for x in m.read_text().splitlines()] if m is not None else []
         rows = [r for r in rows if "generated_mean_square" in r and "target_mean_square" in r]
         if rows:
             r = rows[-1]

@@ -60,6 +60,25 @@ sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
 TRASH = "deleted"  # subdirectory of the checkpoint root that old checkpoints pass through
 
 
+def finished_steps(directory: str | Path) -> list[int]:
+    """Committed checkpoint steps under `directory`, read from the directory alone (no manager: nothing is
+    started, cleaned or left running, so it is safe next to a run that is writing there).
+
+    orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` when committed; a
+    committed step directory holds `_CHECKPOINT_METADATA`.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file())  # fmt: skip
+
+
+def latest_finished_step(directory: str | Path) -> int | None:
+    steps = finished_steps(directory)
+    return steps[-1] if steps else None
+
+
 class Checkpointer:
     """Saves and restores a pytree training state under <workdir>/checkpoints.
 

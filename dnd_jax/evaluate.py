@@ -13,8 +13,9 @@ load_adapter / set_adapter / delete_adapter), never reloading the model. Protoco
   gen  the original DnD protocol (spec §6.3): chat template + the dataset's system prompt, greedy
        decoding, the answer parsed from the first 20 characters; unparseable outputs are counted
        as format failures (and as wrong).
-  nll  the gold response's mean NLL per token in the chat format the LoRAs were trained on (lower
-       is better).
+  nll  the gold response's mean NLL per token in the chat format the LoRAs were trained on, and
+       nll_answer, the NLL summed over the answer's own tokens ("C" of "[C]") per item (lower is
+       better).
 Writes OUT/results.json, OUT/results.md (rows: base, each training LoRA, their mean, each generated
 adapter, their mean +- std) and OUT/results.png (bar chart).
 """
@@ -172,13 +173,20 @@ def _metrics(protocols) -> list[tuple[str, str]]:
     if "gen" in protocols:
         out += [("gen", "acc"), ("gen", "format_failures")]
     if "nll" in protocols:
-        out += [("nll", "nll")]
+        out += [("nll", "nll"), ("nll", "nll_answer")]
     return out
 
 
-def fmt_metric(p: str, v: float) -> str:
-    """Accuracies in %, the nll protocol as nats per token."""
+def fmt_metric(p: str, v: float | None) -> str:
+    """Accuracies in %, the nll protocol in nats; "-" where there is no value (no answer located)."""
+    if v is None:
+        return "-"
     return f"{v:.3f}" if p == "nll" else f"{100 * v:.1f}"
+
+
+def _values(group: list[dict], p: str, m: str) -> list[float]:
+    """The metric's values over rows, leaving out rows without one (nll_answer None, older results)."""
+    return [r[p][m] for r in group if r[p].get(m) is not None]
 
 
 def summarize(rows: list[dict], protocols) -> dict:
@@ -187,9 +195,10 @@ def summarize(rows: list[dict], protocols) -> dict:
     for kind in ("training", "generated"):
         group = [r for r in rows if r["kind"] == kind]
         if group:
-            s[kind] = {f"{p}/{m}": {"mean": float(np.mean([r[p][m] for r in group])),
-                                    "std": float(np.std([r[p][m] for r in group])), "n": len(group)}
-                       for p, m in _metrics(protocols)}  # fmt: skip
+            vals = {(p, m): _values(group, p, m) for p, m in _metrics(protocols)}
+            s[kind] = {f"{p}/{m}": {"mean": float(np.mean(v)) if v else None,
+                                    "std": float(np.std(v)) if v else None, "n": len(v)}
+                       for (p, m), v in vals.items()}  # fmt: skip
     return s
 
 
@@ -205,11 +214,11 @@ def markdown_table(result: dict) -> str:
         "control": "prompt-blind control (mean training tokens)",
         "retrieval": "retrieval (nearest training task)",
     }
-    lines = [row("base", [fmt_metric(p, result["rows"][0][p][m]) for p, m in cols])]
+    lines = [row("base", [fmt_metric(p, result["rows"][0][p].get(m)) for p, m in cols])]
     for kind in KINDS:
         group = [r for r in result["rows"] if r["kind"] == kind]
         label = labels.get(kind, kind)
-        lines += [row(f"{label}: {r['name']}", [fmt_metric(p, r[p][m]) for p, m in cols]) for r in group]
+        lines += [row(f"{label}: {r['name']}", [fmt_metric(p, r[p].get(m)) for p, m in cols]) for r in group]
         if kind not in ("training", "generated") or not group:
             continue
         sm = result["summary"][kind]
@@ -222,7 +231,11 @@ def markdown_table(result: dict) -> str:
                          [fmt(p, sm[f"{p}/{m}"]) for p, m in cols]))  # fmt: skip
     title = (
         f"{result['dataset']} ({result['split']}, {result['items']} items); accuracy in %"
-        + (", nll in nats per response token (lower is better)" if "nll" in result["protocols"] else "")
+        + (
+            ", nll in nats per response token, nll_answer in nats per answer (lower is better)"
+            if "nll" in result["protocols"]
+            else ""
+        )
         + "\n\n"
     )
     return title + head + "".join(lines)
@@ -237,7 +250,7 @@ def plot(result: dict, path: Path) -> None:
     except ImportError:
         print("warning: matplotlib is not installed; no results.png", file=sys.stderr)
         return
-    cols = [c for c in _metrics(result["protocols"]) if c[1] not in ("format_failures", "nll")]
+    cols = [c for c in _metrics(result["protocols"]) if c[1] not in ("format_failures", "nll", "nll_answer")]
     if not cols:
         return
     groups = [("base", [result["rows"][0]])] + [(k, [r for r in result["rows"] if r["kind"] == k]) for k in KINDS]

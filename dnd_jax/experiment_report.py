@@ -15,33 +15,46 @@ from pathlib import Path
 
 import numpy as np
 
-from dnd_jax.experiment import gap_closed, paired
+from dnd_jax.experiments.stats import gap_closed, paired
 
 TIE = 0.01  # |difference| <= 0.01 nats per token counts as a tie in wins / ties / losses
 ROWS = ("base", "control", "retrieval", "training", "own")
 LABELS = {"base": "base model", "control": "prompt-blind control (mean training tokens)",
           "retrieval": "retrieval (LoRA of the nearest training task)", "training": "training LoRAs (sample mean)",
           "own": "the task's own LoRA (upper reference)"}  # fmt: skip
+# Metrics of the nll protocol: the primary one, and the answer-only NLL of multiple-choice items.
+NLL = ("nll", "nll")
+ANSWER = ("nll", "nll_answer")
 
 
 def _metric(entry: dict, proto: str, name: str) -> float:
-    return float(entry[proto][name])
+    v = entry.get(proto, {}).get(name)
+    return float("nan") if v is None else float(v)
 
 
 def collect_scores(cv: Path, names: list[str]) -> tuple[dict, dict]:
-    """({row: {task: scores dict}}, {variant: {task: [generated scores]}}) for tasks with all files."""
+    """({task: shared scores}, {variant: {task: variant scores}}) for variants with every task scored."""
     shared = {t: json.loads((cv / "scores" / f"{t}.json").read_text()) for t in names}
     variants = {}
     for vd in sorted(p for p in cv.iterdir() if (p / "scores").is_dir()):
-        got = {t: json.loads((vd / "scores" / f"{t}.json").read_text())["generated"]
+        got = {t: json.loads((vd / "scores" / f"{t}.json").read_text())
                for t in names if (vd / "scores" / f"{t}.json").is_file()}  # fmt: skip
         if len(got) == len(names):
             variants[vd.name] = got
     return shared, variants
 
 
+def seed_values(score: dict, proto: str, name: str) -> list[float]:
+    """A variant's per-seed value of one metric on one task (each the mean over that seed's adapters)."""
+    gen = score["generated"]
+    if isinstance(gen, list):  # one unnamed seed (score files of older runs)
+        gen = {"-": gen}
+    return [float(np.mean([_metric(x, proto, name) for x in adapters])) for adapters in gen.values()]
+
+
 def table(shared: dict, variants: dict, names: list[str], proto: str, name: str, skip=()) -> dict[str, np.ndarray]:
-    """{row: [per-task value]} of one metric; training and generated rows are means over their adapters."""
+    """{row: values}: baseline rows [tasks] (training: the mean over its sampled LoRAs); generated rows
+    [tasks, seeds]."""
     rows = {r: [] for r in ROWS if r not in skip}
     for t in names:
         s = shared[t]
@@ -52,8 +65,13 @@ def table(shared: dict, variants: dict, names: list[str], proto: str, name: str,
                 rows[r].append(_metric(s[r], proto, name))
     out = {r: np.asarray(v) for r, v in rows.items()}
     for v, per in variants.items():
-        out[f"generated:{v}"] = np.asarray([np.mean([_metric(x, proto, name) for x in per[t]]) for t in names])
+        out[f"generated:{v}"] = np.asarray([seed_values(per[t], proto, name) for t in names])
     return out
+
+
+def task_mean(x: np.ndarray) -> np.ndarray:
+    """Per-task values: a [tasks, seeds] row averaged over its seeds."""
+    return x.mean(1) if x.ndim == 2 else x
 
 
 def collection_seconds(collection_dir: Path, names: list[str]) -> tuple[list[float], str]:
@@ -78,7 +96,7 @@ def plot(vals: dict, variants: list[str], names: list[str], path: Path) -> None:
 
     fig, axes = plt.subplots(len(variants), 2, figsize=(9, 4.2 * len(variants)), squeeze=False)
     for row, v in enumerate(variants):
-        g = vals[f"generated:{v}"]
+        g = task_mean(vals[f"generated:{v}"])
         for ax, ref in zip(axes[row], ("control", "retrieval"), strict=True):
             x = vals[ref]
             ax.scatter(x, g, s=14, c=["tab:green" if gi < xi else "tab:red" for gi, xi in zip(g, x, strict=True)])
@@ -97,18 +115,25 @@ def plot(vals: dict, variants: list[str], names: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def _variant_desc(cv: Path, v: str) -> str:
-    """How a variant's generators were trained, from its fold-0 training config (or whose it reuses)."""
-    own = cv / v / "fold-0" / "train" / "config.json"
+def _variant_desc(cv: Path, v: str, per: dict) -> str:
+    """How a variant's generators were trained (its first training config, or whose it reuses) and the settings
+    its scores were made under (stored in its score files)."""
+    st = next(iter(per.values())).get("settings", {})
+    seeds = st.get("seeds", [])
     if v.startswith("fewshot-"):
         return f"{v} (not generated: LoRAs collected on {v.split('-', 1)[1]} labelled examples of each held-out task)"
-    if not own.is_file():
-        return f"{v} (reuses another variant's generators; A tokens from the fold mean)"
-    tc = json.loads(own.read_text())
+    own = sorted((cv / v).glob("fold-0/seed-*/train/config.json"))
+    scored = f"{st.get('num_adapters', '?')} adapter(s) per task and seed, condition {st.get('condition', '?')}"
+    if not own:
+        return (
+            f"{v} (reuses another variant's generators, {st.get('steps', '?')} steps, seeds "
+            f"{', '.join(seeds)}; A tokens from the fold mean; {scored})"
+        )
+    tc = json.loads(own[0].read_text())
     d = tc["data"]
     target = "residual from the fold mean" if d.get("target_offset") else "absolute tokens"
     loss = "B^T tokens only" if d.get("loss_tokens") == "b" else "all tokens"
-    return f"{v} ({tc['train']['steps']} steps, {target}, loss on {loss})"
+    return f"{v} ({tc['train']['steps']} steps, {target}, loss on {loss}; seeds {', '.join(seeds)}; {scored})"
 
 
 def _label(row: str) -> str:
@@ -123,7 +148,36 @@ def _rel(path: Path) -> str:
 
 
 def _fmt_ci(d: dict, digits: int = 3) -> str:
-    return f"{d['mean']:+.{digits}f} [{d['ci'][0]:+.{digits}f}, {d['ci'][1]:+.{digits}f}]"
+    out = f"{d['mean']:+.{digits}f} [{d['ci'][0]:+.{digits}f}, {d['ci'][1]:+.{digits}f}]"
+    return out + (f" ({d['undefined']:.0%} of resamples undefined)" if d.get("undefined") else "")
+
+
+def _fmt_gap(g: dict) -> str:
+    out = f"{g['fraction']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}]"
+    return out + (f" ({g['undefined']:.1%} undefined)" if g["undefined"] else "")
+
+
+def _seed_cell(d: dict) -> str:
+    return " / ".join(f"{x:+.3f}" for x in d["per_seed"]) if d["seeds"] > 1 else "(1 seed)"
+
+
+def comparison_table(vals: dict, vnames: list[str], groups: np.ndarray, nb: int, seed: int, what: str) -> list[str]:
+    """The primary-comparison table of one metric: every variant vs each baseline, its seed spread, gap closed."""
+    L = [f"| variant | generated vs control | vs retrieval | vs training LoRAs | vs base | per seed vs control | "
+         f"gap closed ({what}) |\n|---|---|---|---|---|---|---|"]  # fmt: skip
+    stats = {}
+    for v in vnames:
+        g = vals[f"generated:{v}"]
+        ok = ~np.isnan(task_mean(g))
+        st = {r: paired(g[ok], vals[r][ok], nb, seed, TIE, groups[ok]) for r in ("control", "retrieval", "training",
+                                                                                  "base")}  # fmt: skip
+        st["gap"] = gap_closed(vals["control"][ok], g[ok], vals["own"][ok], nb, seed, groups[ok])
+        stats[v] = st
+        cells = [f"{_fmt_ci(st[r])} ({st[r]['wins']}/{st[r]['ties']}/{st[r]['losses']})"
+                 for r in ("control", "retrieval", "training", "base")]  # fmt: skip
+        n = f" (n = {int(ok.sum())})" if not ok.all() else ""
+        L.append(f"| {v}{n} | " + " | ".join(cells) + f" | {_seed_cell(st['control'])} | {_fmt_gap(st['gap'])} |")
+    return L, stats
 
 
 def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, times: dict) -> Path:
@@ -135,131 +189,191 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
 
     e = c.experiment
     out_dir.mkdir(parents=True, exist_ok=True)
-    folds = json.loads((cv / "folds.json").read_text())["folds"]
+    made = json.loads((cv / "folds.json").read_text())
+    folds = made["folds"]
     shared, variants = collect_scores(cv, names)
     vnames = list(variants)
-    nll = table(shared, variants, names, "nll", "nll")
+    nll = table(shared, variants, names, *NLL)
+    ans = table(shared, variants, names, *ANSWER)
+    fold_of = {t: f["fold"] for f in folds for t in f["heldout"]}
+    groups = np.asarray([fold_of[t] for t in names])
     nb, seed = e.bootstrap, c.seed
+    items = [shared[t]["items"] for t in names]
+    seeds = sorted({len(st) for v in vnames for st in [variants[v][names[0]]["settings"].get("seeds", ["-"])]})
     L = [f"# Many-task DnD, task-level {e.folds}-fold cross-validation ({len(names)} tasks)\n",
          f"Produced by `python -m dnd_jax.experiment --config {c.pipeline.config_name} --workdir "
          f"{_rel(workdir)}` on {platform.node()} ({platform.machine()}, {os.cpu_count()} CPU cores); "
          f"{versions()}. Every number below is read from that run's files.\n",
-         "Primary metric (fixed in the config before any run): mean NLL per gold-response token on the first "
-         f"{e.limit} test items of each task, in the chat format the LoRAs were trained on; lower is better. "
-         "A comparison *generated vs X* is the per-task difference X - generated (positive = generated better), "
-         f"averaged over the {len(names)} held-out tasks, with a 95 % percentile bootstrap CI over tasks "
-         f"({nb} resamples) and wins / ties / losses (tie: |difference| <= {TIE} nats).\n"]  # fmt: skip
-    L.append("## Primary comparison\n")
-    L.append("| variant | generated vs control | vs retrieval | vs training LoRAs | vs base | gap closed "
-             "(control -> own LoRA) |\n|---|---|---|---|---|---|")  # fmt: skip
-    stats = {}
-    for v in vnames:
-        g = nll[f"generated:{v}"]
-        st = {r: paired(g, nll[r], nb, seed, TIE) for r in ("control", "retrieval", "training", "base")}
-        st["gap"] = gap_closed(nll["control"], g, nll["own"], nb, seed)
-        stats[v] = st
-        cells = [f"{_fmt_ci(st[r])} ({st[r]['wins']}/{st[r]['ties']}/{st[r]['losses']})"
-                 for r in ("control", "retrieval", "training", "base")]  # fmt: skip
-        gap = st["gap"]
-        L.append(
-            f"| {v} | " + " | ".join(cells) + f" | {gap['fraction']:.3f} [{gap['ci'][0]:.3f}, {gap['ci'][1]:.3f}] |"
-        )
+         "Primary metric (fixed in the config before any run): mean NLL per gold-response token on each task's "
+         f"scored test items (the first {e.limit} that survive the leak check: {min(items)}-{max(items)} per task), "
+         "in the chat format the LoRAs were trained on; lower is better. A comparison *generated vs X* is the "
+         "per-task difference X - generated (positive = generated better), averaged over the "
+         f"{len(names)} held-out tasks, with a 95 % percentile bootstrap CI ({nb} resamples) and wins / ties / "
+         f"losses (tie: |difference| <= {TIE} nats). **The CI covers two sources of noise**: held-out tasks "
+         "(resampled) and the generator's own training (each fold's generator is trained with "
+         f"{'/'.join(str(x) for x in seeds)} seed(s); per resample, each fold's seeds are redrawn with replacement "
+         "and shared by the fold's tasks). *per seed vs control* is the mean difference with each seed's "
+         "generators alone: the seed-to-seed spread.\n"]  # fmt: skip
+    L.append("## Primary comparison (NLL per response token)\n")
+    rows, stats = comparison_table(nll, vnames, groups, nb, seed, "control -> own LoRA")
+    L += rows
     L.append("\nCells: mean difference [95 % CI] (wins/ties/losses of the generated adapters).\n")
     for v in vnames:
         st = stats[v]
-        verdict = "beat" if st["control"]["ci"][0] > 0 else "do not beat"
-        verdict_r = "beat" if st["retrieval"]["ci"][0] > 0 else "do not beat"
-        L.append(f"- **{v}**: the generated adapters {verdict} the prompt-blind control with a CI that excludes "
-                 f"zero, and {verdict_r} retrieval (CIs above).")  # fmt: skip
-    L.append("\n## Mean over tasks, every row (NLL per response token)\n")
-    L.append("| row | mean NLL | median |\n|---|---|---|")
-    for r in ROWS:
-        L.append(f"| {LABELS[r]} | {nll[r].mean():.4f} | {np.median(nll[r]):.4f} |")
-    for v in vnames:
-        g = nll[f"generated:{v}"]
-        L.append(f"| generated ({v}) | {g.mean():.4f} | {np.median(g):.4f} |")
+        verdict = "beat" if st["control"]["ci"][0] > 0 else ("lose to" if st["control"]["ci"][1] < 0 else
+                                                              "are within noise of")  # fmt: skip
+        verdict_r = "beat" if st["retrieval"]["ci"][0] > 0 else ("lose to" if st["retrieval"]["ci"][1] < 0 else
+                                                                  "are within noise of")  # fmt: skip
+        L.append(f"- **{v}**: the generated adapters {verdict} the prompt-blind control and {verdict_r} retrieval "
+                 "(95 % CIs above).")  # fmt: skip
+    have_ans = [t for t in names if not np.isnan(ans["base"][names.index(t)])]
+    if have_ans and vnames:
+        L.append(f"\n## Secondary: answer-only NLL ({len(have_ans)} multiple-choice tasks)\n")
+        L.append("The NLL of the answer's own token(s) alone (e.g. `C` of `[C]`), summed per item and averaged over "
+                 "items: the per-token metric divides an answer-level difference by the ~5 tokens of a `[C]` "
+                 "response and its end of turn, most of which only carry the format. Tasks whose responses have "
+                 "no located answer span are left out.\n")  # fmt: skip
+        rows, _ = comparison_table(ans, vnames, groups, nb, seed, "answer-only, control -> own LoRA")
+        L += rows
+    L.append("\n## Mean over tasks, every row\n")
+    L.append("| row | NLL per token: mean | median | answer-only NLL: mean |\n|---|---|---|---|")
+    for r in (*ROWS, *[f"generated:{v}" for v in vnames]):
+        x, a = task_mean(nll[r]), task_mean(ans[r])
+        am = f"{np.nanmean(a):.4f}" if np.isfinite(a).any() else "-"
+        L.append(f"| {_label(r)} | {x.mean():.4f} | {np.median(x):.4f} | {am} |")
     ctx = {"control vs base": paired(nll["control"], nll["base"], nb, seed, TIE),
            "retrieval vs control": paired(nll["retrieval"], nll["control"], nb, seed, TIE),
            "own LoRA vs control": paired(nll["own"], nll["control"], nb, seed, TIE)}  # fmt: skip
-    L.append("\nFor context, the same paired statistic between baselines:\n")
+    L.append("\nFor context, the same paired statistic between baselines (tasks resampled):\n")
     L += [f"- {k}: {_fmt_ci(d)} ({d['wins']}/{d['ties']}/{d['losses']})" for k, d in ctx.items()]
     sec = [(p, m) for p in ("ll", "gen") if p in e.secondary for m in (("acc", "acc_norm") if p == "ll" else ("acc",))]
-    if sec:
-        L.append(f"\n## Secondary: accuracy on the first {e.secondary_limit} test items of each task (%)\n")
+    have = {v: per for v, per in variants.items()
+            if all(p in x for t in names for xs in _gen_lists(per[t]) for x in xs for p, _ in sec)}  # fmt: skip
+    if sec and all(p in shared[t]["base"] for t in names for p, _ in sec):
+        L.append(f"\n## Secondary: accuracy on the first {e.secondary_limit} scored items of each task (%)\n")
         L.append("`ll`: log-likelihood with lm-eval's generic template (`Question: ...\\nAnswer:` + ` choice`; "
                  "acc_norm divides by len(choice) as lm-eval); `gen`: the DnD generation protocol (greedy, answer "
                  "parsed from the first 20 characters, format failures count as wrong). The sampled training LoRAs "
                  "are scored on the primary metric only.\n")  # fmt: skip
-        have = {v: per for v, per in variants.items() if all(p in per[t][0] for t in names for p, _ in sec)}
         vsec = list(have)
         acc = {f"{p}/{m}": table(shared, have, names, p, m, skip=("training",)) for p, m in sec}
         L.append("| row | " + " | ".join(acc) + " |\n|---|" + "---|" * len(acc))
         for r in [x for x in (*ROWS, *[f"generated:{v}" for v in vsec]) if x != "training"]:
-            L.append(f"| {_label(r)} | " + " | ".join(f"{100 * a[r].mean():.1f}" for a in acc.values()) + " |")
+            L.append(f"| {_label(r)} | " + " | ".join(f"{100 * task_mean(a[r]).mean():.1f}" for a in acc.values())
+                     + " |")  # fmt: skip
         for v in vsec:
             for k, a in acc.items():
-                d = paired(-a[f"generated:{v}"], -a["control"], nb, seed, 0.0)
+                d = paired(-a[f"generated:{v}"], -a["control"], nb, seed, 0.0, groups)
                 L.append(f"- {k}, generated ({v}) - control: {100 * d['mean']:+.2f} points [{100 * d['ci'][0]:+.2f}, "
                          f"{100 * d['ci'][1]:+.2f}] ({d['wins']}/{d['ties']}/{d['losses']})")  # fmt: skip
     if vnames:
         plot(nll, vnames, names, out_dir / "many_task.png")
         L.append("\n![per-task scatter](many_task.png)\n")
-    L.append("## Time to an adapter\n")
-    coll, how = collection_seconds(Path(c.data.collection_dir), names)
-    for v in vnames:
-        gi = json.loads((cv / v / "generation.json").read_text()) if (cv / v / "generation.json").is_file() else {}
-        per = [x["seconds_per_adapter"] for x in gi.values() if x.get("seconds_per_adapter")]
-        if per and coll:
-            L.append(f"- {v}: generation {np.median(per):.4f} s per adapter (median over folds, compile excluded; "
-                     f"compile {np.median([x['compile_s'] for x in gi.values()]):.1f} s once per fold) vs collecting "
-                     f"one LoRA {np.median(coll):.1f} s (median over {len(coll)} tasks; {how}): "
-                     f"{np.median(coll) / np.median(per):,.0f}x less time on this machine.")  # fmt: skip
+    L += _time_section(c, cv, vnames, names)
+    L += _leak_section(made, shared, names)
     L.append("\n## Settings\n")
     gen = generator_config(c)
     L += [f"- **tasks** ({len(names)}): " + ", ".join(names),
-          f"- **folds**: {e.split} split, K = {e.folds}, seed {e.fold_seed}: "
+          f"- **folds**: {e.split} split, K = {e.folds}, seed {e.fold_seed}, linked tasks in one fold: "
           + "; ".join(f"fold {f['fold']}: {', '.join(f['heldout'])}" for f in folds),
+          f"- **scored items**: the first {shared[names[0]]['settings']['limit']} test items of each task that "
+          f"survive the leak check ({min(items)}-{max(items)} per task; stored with each task's scores)",
           f"- **base model**: {c.collect.model} (SmolLM2-135M-Instruct from PyPI, a 4-bit GGUF round trip, fp32)",
           f"- **LoRA collection** (one recipe, seed {c.collect.seed}, one shared init): rank {c.collect.lora.r}, alpha "
           f"{c.collect.lora.alpha}, 7 projections; {c.collect.phase1.steps} steps at lr {c.collect.phase1.lr} (batch "
           f"{c.collect.phase1.batch_size}), then {c.collect.phase2.steps} checkpoints at lr {c.collect.phase2.lr}; "
           f"cut-off {c.collect.cutoff_len} tokens; own / retrieval / training LoRAs = each task's last checkpoint",
           f"- **generator**: features {[list(f) for f in gen.features]}, kernel {gen.kernel_size}, "
-          f"{count_params(gen):,} parameters; {c.train.steps} steps, batch {c.train.batch_size}, lr "
-          f"{c.train.learning_rate}, {c.data.num_texts} prompts x {c.data.max_text_length} tokens per condition, "
-          f"{c.data.real_length} checkpoints per task, seed {c.seed}",
-          "- **variants**: " + "; ".join(_variant_desc(cv, v) for v in vnames),
-          f"- **generation**: {e.num_adapters} adapter(s) per held-out task from its unlabeled test prompts (seeded "
-          "batches), the final generator step (no selection on test data)",
-          "- **control**: the mean token tensor of the fold's training checkpoints, detokenized (spec §2.6 decoding)",
+          f"{count_params(gen):,} parameters; batch {c.train.batch_size}, lr {c.train.learning_rate}, "
+          f"{c.data.num_texts} prompts x {c.data.max_text_length} tokens per condition, {c.data.real_length} "
+          "checkpoints per task; steps and seeds per variant below",
+          "- **variants** (as each variant's files record them): "
+          + "; ".join(_variant_desc(cv, v, variants[v]) for v in vnames),
+          "- **generation**: adapters per held-out task from its unlabeled test prompts (conditions that read "
+          "answers: its train split) in seeded batches, the final generator step (no selection on test data)",
+          "- **control**: the mean token tensor of the fold's training checkpoints (pooled over checkpoints), "
+          "detokenized (spec §2.6 decoding)",
           "- **retrieval**: the training task whose first 64 train prompts have the highest cosine similarity of "
           "mean normalised MiniLM embeddings to the held-out task's first 64 test prompts",
-          f"- **training LoRAs**: {e.training_sample} training tasks sampled per held-out task (seeded), mean "
-          "score"]  # fmt: skip
+          f"- **training LoRAs**: {len(shared[names[0]]['training'])} training tasks sampled per held-out task "
+          "(seeded), mean score"]  # fmt: skip
     L.append("\n## Deviations from the paper\n")
     L += [f"- {x}" for x in c.pipeline.deviations]
     L.append("\n## Stage wall times (seconds; a stage skipped on resume keeps its earlier time)\n")
-    L.append(
-        "| "
-        + " | ".join(times)
-        + " |\n|"
-        + "---|" * len(times)
-        + "\n| "
-        + " | ".join(str(v) for v in times.values())
-        + " |"
-    )
-    L.append("\n## Per task (NLL per response token)\n")
+    L.append("| " + " | ".join(times) + " |\n|" + "---|" * len(times) + "\n| "
+             + " | ".join(str(v) for v in times.values()) + " |")  # fmt: skip
+    L.append("\n## Per task (NLL per response token; generated: mean over seeds)\n")
     cols = [*ROWS, *[f"generated:{v}" for v in vnames]]
-    L.append("| task | fold | retrieved | " + " | ".join(cols) + " |\n|---|---|---|" + "---|" * len(cols))
-    fold_of = {t: f["fold"] for f in folds for t in f["heldout"]}
+    L.append("| task | fold | items | retrieved | " + " | ".join(cols) + " |\n|---|---|---|---|" + "---|" * len(cols))
     for i, t in enumerate(names):
-        L.append(f"| {t} | {fold_of[t]} | {shared[t]['retrieval']['task']} | "
-                 + " | ".join(f"{nll[r][i]:.3f}" for r in cols) + " |")  # fmt: skip
+        L.append(f"| {t} | {fold_of[t]} | {items[i]} | {shared[t]['retrieval']['task']} | "
+                 + " | ".join(f"{task_mean(nll[r])[i]:.3f}" for r in cols) + " |")  # fmt: skip
     path = out_dir / "report.md"
     with atomic_file(path, "w") as f:
         f.write("\n".join(L) + "\n")
+    seed_cols = [(v, j) for v in vnames for j in range(nll[f"generated:{v}"].shape[1])]
     with atomic_file(out_dir / "scores.csv", "w") as f:
-        f.write("task,fold," + ",".join(cols) + "\n")
+        f.write("task,fold,items," + ",".join(ROWS) + "," + ",".join(f"generated:{v}:seed{j}" for v, j in seed_cols)
+                + "," + ",".join(f"answer:{r}" for r in ROWS) + "\n")  # fmt: skip
         for i, t in enumerate(names):
-            f.write(f"{t},{fold_of[t]}," + ",".join(f"{nll[r][i]:.5f}" for r in cols) + "\n")
+            vals = [nll[r][i] for r in ROWS] + [nll[f"generated:{v}"][i, j] for v, j in seed_cols]
+            vals += [ans[r][i] for r in ROWS]
+            f.write(f"{t},{fold_of[t]},{items[i]}," + ",".join(f"{x:.5f}" for x in vals) + "\n")
     return path
+
+
+def _gen_lists(score: dict) -> list:
+    gen = score["generated"]
+    return list(gen.values()) if isinstance(gen, dict) else [gen]
+
+
+def _time_section(c, cv: Path, vnames: list[str], names: list[str]) -> list[str]:
+    """Time to an adapter, cold (model and encoder load + compile, amortised over a generator's adapters) and
+    warm (one compiled call per batch of adapters), next to collecting one LoRA."""
+    L = ["## Time to an adapter\n"]
+    coll, how = collection_seconds(Path(c.data.collection_dir), names)
+    for v in vnames:
+        path = cv / v / "generation.json"
+        gi = list(json.loads(path.read_text()).values()) if path.is_file() else []
+        gi = [x for x in gi if x.get("seconds_per_adapter") and "load_s" in x]
+        if not (gi and coll):
+            continue
+        warm = float(np.median([x["seconds_per_adapter"] for x in gi]))
+        cold = float(np.median([(x["load_s"] + x["compile_s"]) / x["adapters"] + x["seconds_per_adapter"]
+                                for x in gi]))  # fmt: skip
+        per = int(np.median([x["adapters"] for x in gi]))
+        load, comp = np.median([x["load_s"] for x in gi]), np.median([x["compile_s"] for x in gi])
+        L.append(f"- {v}: **cold** {cold:.2f} s per adapter (generator, model and encoder load {load:.1f} s "
+                 f"+ compile {comp:.1f} s, amortised over the {per} adapters one "
+                 f"generator makes, plus generation); **warm** {warm:.4f} s per adapter (compiled, loaded). "
+                 f"Collecting one LoRA: {np.median(coll):.1f} s (median over {len(coll)} tasks; {how}): "
+                 f"{np.median(coll) / cold:,.0f}x less time cold, {np.median(coll) / warm:,.0f}x warm, on this "
+                 "machine.")  # fmt: skip
+        neg = sum(x.get("negative_scales", 0) for x in gi)
+        chunks = sum(x.get("chunks", 0) for x in gi)
+        if chunks:
+            L.append(
+                f"  Decoded scales of its generated tokens: {neg} of {chunks} per-chunk sigmas are negative "
+                "(the decoding (exp(sigma' - 1.6) - 0.1) / 0.9 flips a chunk's sign below sigma' of about -0.70)."
+            )
+    return L
+
+
+def _leak_section(made: dict, shared: dict, names: list[str]) -> list[str]:
+    """What the leak check found and what the folds did about it (folds.json)."""
+    lk = made.get("leaks")
+    if lk is None:
+        return []
+    L = ["\n## Leak check (exact overlap of normalised prompts)\n"]
+    within = {t: n for t, n in lk["within"].items() if n}
+    rep = {t: n for t, n in lk["repeated"].items() if n}
+    L.append("- test items also in the task's own train split (dropped from scoring): "
+             + (", ".join(f"{t} {n}" for t, n in within.items()) or "none"))  # fmt: skip
+    L.append("- repeated test items (dropped): " + (", ".join(f"{t} {n}" for t, n in rep.items()) or "none"))
+    L.append("- test items of one task in another task's train split (dropped from scoring; the two tasks are kept "
+             "in one fold): " + (", ".join(f"{x['test_task']} in {x['train_task']}: {x['items']}" for x in lk["cross"])
+                                 or "none"))  # fmt: skip
+    L.append("- tasks kept in one fold: " + ("; ".join(", ".join(g) for g in lk["linked"]) or "none")
+             + (" (declared near-copies: " + "; ".join(", ".join(g) for g in lk["declared"]) + ")"
+                if lk["declared"] else ""))  # fmt: skip
+    return L

@@ -107,3 +107,13 @@ def workdir_lock(directory: str | os.PathLike, command: str) -> Iterator[None]:
     finally:
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Writes `obj` as indented JSON to `path` atomically, making its parent directory."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, indent=1)

@@ -95,6 +95,104 @@ def make_generate_fn(config, graphdef, enc_graphdef, layout, detokenize: bool = 
     return jax.jit(fn)
 
 
+class AdapterGenerator:
+    """Prompts -> LoRA adapters with one trained generator: the CLI's and the experiment's one path.
+
+    Loads the run, the extractor and the compiled call once (`load_s`); each call draws `k` prompt batches of
+    `num_texts` texts (seeded; the original's random.sample order), runs them through one compiled call, and
+    times it as the original does (a warm-up call that compiles on first use, then the mean of `repeats`).
+
+    Args:
+      workdir: training workdir.
+      step: generator checkpoint step (default latest).
+      a_from: mean token tensor [T, R, K] (a .npy path) whose A tokens replace the generator's (the generator
+        then predicts B^T tokens only: experiment.predict "b_only"); default: the run's own training offset
+        (data.target_offset) if it was trained on residual targets, else none.
+    """
+
+    def __init__(self, workdir, step: int | None = None, a_from: str | Path | None = None):
+        from dnd_jax.data.prepare import open_token_set
+        from dnd_jax.extractors import load_extractor
+        from dnd_jax.trainer import check_width, load_target_offset
+
+        t0 = time.perf_counter()
+        self.workdir = Path(workdir)
+        self.config, graphdef, self.params, self.step = load_run(workdir, step)
+        config = self.config
+        self.layout = open_token_set(Path(config.data.token_dir) / config.data.train_datasets[0]).layout
+        self.encoder, self.tok = load_extractor(config.encoder)
+        check_width(config, self.encoder)
+        enc_graphdef, self.enc_state = nnx.split(self.encoder)
+        residual = bool(config.data.get("target_offset", ""))  # what the generator was trained on
+        if a_from is not None:
+            config.data.loss_tokens = "b"
+            offset = np.load(a_from)
+        else:
+            offset = load_target_offset(config, self.layout.shape)
+        self.fn = make_generate_fn(config, graphdef, enc_graphdef, self.layout, residual=residual)
+        self._tokens_fn = make_generate_fn(config, graphdef, enc_graphdef, self.layout, False, residual)
+        self.offset = None if offset is None else jnp.asarray(offset)
+        self.form = config.data.get("condition", "prompts")
+        self.compile_s: float | None = None
+        self.load_s = time.perf_counter() - t0
+
+    def texts(self, records: list[dict], form: str | None = None, seed: int | None = None) -> list[str]:
+        """The condition texts of `records` in the generator's form (or `form`), mix draws seeded by `seed`."""
+        from dnd_jax.data.prompts import condition_texts
+
+        seed = self.config.seed if seed is None else seed
+        return condition_texts(records, form or self.form, seed, str(self.workdir))
+
+    def __call__(self, texts: list[str], k: int, seed: int | None = None, repeats: int = 3):
+        """`k` adapters from `texts`: ({path: {lora_a, lora_b}} with a leading [k] axis on host, seconds per call).
+
+        Adapter i is made from the i-th of k prompt batches drawn from default_rng([seed, 7]) (seed: the
+        run's by default), so the same texts and seed give the same adapters from the CLI and the experiment.
+        """
+        args = self._args(texts, k, seed)
+        t0 = time.perf_counter()
+        lora = jax.block_until_ready(self.fn(*args))  # compile (first call of a shape) + warm-up
+        if self.compile_s is None:
+            self.compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            jax.block_until_ready(self.fn(*args))
+        per_call = (time.perf_counter() - t0) / max(repeats, 1)
+        return jax.device_get(lora), per_call
+
+    def save(self, lora: dict, out: Path, info: dict, overwrite: bool = False) -> list[Path]:
+        """Writes adapter-<i>/ for each row of `lora` and generation.json (`info` + the negative-scale count)
+        into `out`, atomically as a whole."""
+        from converters.jax_to_peft import save_peft_adapter, select_row
+        from dnd_jax.fileio import atomic_dir
+
+        k = jax.tree.leaves(lora)[0].shape[0]
+        spec = self.layout.spec
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            for i in range(k):
+                save_peft_adapter(select_row(lora, i), spec, tmp / f"adapter-{i}", dtype=spec.dtype)
+            (tmp / "generation.json").write_text(json.dumps(info, indent=2) + "\n")
+        return [out / f"adapter-{i}" for i in range(k)]
+
+    def negative_scales(self, texts: list[str], k: int, seed: int | None = None) -> dict:
+        """How many decoded per-chunk sigmas of the `k` adapters' tokens are negative: the decoding
+        sigma = (exp(sigma' - 1.6) - 0.1) / 0.9 flips a chunk's sign for sigma' below about -0.70."""
+        _, sigma = lora_tokens.decode_scales(np.asarray(self._tokens_fn(*self._args(texts, k, seed))))
+        return {"negative": int((sigma < 0).sum()), "chunks": int(sigma.size)}
+
+    def _args(self, texts: list[str], k: int, seed: int | None):
+        from dnd_jax.data import pairs
+
+        config = self.config
+        seed = config.seed if seed is None else seed
+        if len(texts) < config.data.num_texts:
+            raise DndError(f"{len(texts)} prompts, fewer than num_texts={config.data.num_texts}")
+        pool = pairs.tokenize_pool(self.tok, "prompts", texts, config.data.max_text_length)
+        rng = np.random.default_rng([seed, 7])
+        ids, masks = zip(*[pairs.prompt_batch(pool, config.data.num_texts, rng) for _ in range(k)], strict=True)
+        return self.params, self.enc_state, jnp.asarray(np.stack(ids)), jnp.asarray(np.stack(masks)), self.offset
+
+
 def generate(workdir, prompts_file, out, num_adapters: int | None = None, step: int | None = None,
              seed: int | None = None, overwrite: bool = False, repeats: int = 5,
              condition: str | None = None) -> dict:  # fmt: skip
@@ -104,55 +202,26 @@ def generate(workdir, prompts_file, out, num_adapters: int | None = None, step: 
     a generator trained on "mix" conditions, say, can be given plain unlabeled prompts ("prompts").
 
     Returns:
-      {"adapters": [paths], "step", "seconds_per_call", "seconds_per_adapter", "compile_s"}.
+      {"adapters": [paths], "step", "seconds_per_call", "seconds_per_adapter", "compile_s", "load_s"}.
     """
-    from converters.jax_to_peft import save_peft_adapter, select_row
-    from dnd_jax.data import pairs
-    from dnd_jax.data.prepare import open_token_set
     from dnd_jax.data.prompts import load_prompts_file
-    from dnd_jax.extractors import load_extractor
-    from dnd_jax.fileio import atomic_dir
-    from dnd_jax.trainer import check_width, load_target_offset
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise DndError(f"{out}: output already exists (pass --overwrite to replace it)")
-    config, graphdef, params, step = load_run(workdir, step)
+    gen = AdapterGenerator(workdir, step)
+    config = gen.config
     k = num_adapters or config.generate.num_adapters
     seed = config.seed if seed is None else seed
-    form = condition or config.data.get("condition", "prompts")
-    prompts = load_prompts_file(prompts_file, form, seed)
-    if len(prompts) < config.data.num_texts:
-        raise DndError(f"{prompts_file}: {len(prompts)} prompts, fewer than num_texts={config.data.num_texts}")
-    template = open_token_set(Path(config.data.token_dir) / config.data.train_datasets[0])
-    encoder, tok = load_extractor(config.encoder)
-    check_width(config, encoder)
-    pool = pairs.tokenize_pool(tok, str(prompts_file), prompts, config.data.max_text_length)
-    rng = np.random.default_rng([seed, 7])
-    ids, masks = zip(*[pairs.prompt_batch(pool, config.data.num_texts, rng) for _ in range(k)], strict=True)
-    enc_graphdef, enc_state = nnx.split(encoder)
-    fn = make_generate_fn(config, graphdef, enc_graphdef, template.layout)
-    offset = load_target_offset(config, template.layout.shape)
-    args = (params, enc_state, jnp.asarray(np.stack(ids)), jnp.asarray(np.stack(masks)),
-            None if offset is None else jnp.asarray(offset))  # fmt: skip
-    t0 = time.perf_counter()
-    lora = jax.block_until_ready(fn(*args))  # compile + warm-up
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(fn(*args))
-    per_call = (time.perf_counter() - t0) / max(repeats, 1)
-    lora = jax.device_get(lora)
-    spec = template.layout.spec
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        paths = []
-        for i in range(k):
-            save_peft_adapter(select_row(lora, i), spec, tmp / f"adapter-{i}", dtype=spec.dtype)
-            paths.append(out / f"adapter-{i}")
-        info = {"workdir": str(Path(workdir).absolute()), "step": step, "seed": seed, "prompts": str(prompts_file),
-                "num_texts": config.data.num_texts, "num_adapters": k, "seconds_per_call": per_call,
-                "seconds_per_adapter": per_call / k, "compile_s": compile_s}  # fmt: skip
-        (tmp / "generation.json").write_text(json.dumps(info, indent=2) + "\n")
+    form = condition or gen.form
+    texts = load_prompts_file(prompts_file, form, seed)
+    if len(texts) < config.data.num_texts:
+        raise DndError(f"{prompts_file}: {len(texts)} prompts, fewer than num_texts={config.data.num_texts}")
+    lora, per_call = gen(texts, k, seed, repeats)
+    info = {"workdir": str(Path(workdir).absolute()), "step": gen.step, "seed": seed, "prompts": str(prompts_file),
+            "condition": form, "num_texts": config.data.num_texts, "num_adapters": k, "seconds_per_call": per_call,
+            "seconds_per_adapter": per_call / k, "compile_s": gen.compile_s, "load_s": gen.load_s}  # fmt: skip
+    paths = gen.save(lora, out, info, overwrite)
     return {"adapters": paths, **info}
 
 

@@ -80,7 +80,8 @@ def heldout_test_file(prompts_dir: str, dataset: str, split: str) -> Path:
 
 def run_pipeline(config, workdir: str | Path) -> Path:
     """Runs or resumes every stage; returns the report path."""
-    from dnd_jax.checkpointing import Checkpointer
+    from dnd_jax.experiment import is_trained
+    from dnd_jax.experiments.baselines import last_checkpoint_in
 
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -113,8 +114,7 @@ def run_pipeline(config, workdir: str | Path) -> Path:
     stages.run("collect", collect_all, done=all(is_complete(d.collection_dir, n) for n in names))
 
     train_dir = workdir / "train"
-    ck = train_dir / "checkpoints"
-    trained = ck.is_dir() and Checkpointer(ck).latest_step() == c.train.steps
+    trained = is_trained(train_dir, c.train.steps)
     train_cfg = copy.deepcopy(c)
 
     def train():
@@ -138,10 +138,7 @@ def run_pipeline(config, workdir: str | Path) -> Path:
     eval_dir = workdir / "eval"
 
     def last_ckpt(name):
-        steps = sorted(Path(d.collection_dir, name).glob("step-*"))
-        if not steps:
-            raise DndError(f"{Path(d.collection_dir) / name}: no checkpoints")
-        return steps[-1]
+        return last_checkpoint_in(Path(d.collection_dir), name)
 
     def evaluate():
         from dnd_jax.evaluate import evaluate as run_eval
@@ -173,7 +170,7 @@ def prompt_blind_baselines(c, out: Path) -> tuple[Path, tuple[str, float]]:
       (control adapter dir, (nearest training dataset, cosine similarity)).
     """
     from dnd_jax.data.prepare import open_token_set
-    from dnd_jax.experiment import mean_tokens, prompt_embeddings, retrieve, save_tokens_adapter
+    from dnd_jax.experiments.baselines import mean_tokens, prompt_embeddings, retrieve, save_tokens_adapter
 
     d = c.data
     layout = open_token_set(Path(d.token_dir) / d.train_datasets[0]).layout
@@ -195,6 +192,7 @@ def mean_baseline_wmse(c) -> dict:
     import numpy as np
 
     from dnd_jax.data.prepare import mean_criterion_weight, open_token_set
+    from dnd_jax.experiments.baselines import mean_tokens
 
     d = c.data
     sets = [open_token_set(Path(d.token_dir) / n, d.real_length) for n in d.train_datasets]
@@ -203,8 +201,9 @@ def mean_baseline_wmse(c) -> dict:
     means = {s.name: np.asarray(s.tokens, np.float64).mean(0) for s in sets}
     per = {n: float(np.mean(w * (held - m) ** 2)) for n, m in means.items()}
     best = min(per, key=per.get)
+    control = mean_tokens(Path(d.token_dir), list(d.train_datasets), d.real_length)  # the control's own tokens
     return {"zeros": float(np.mean(w * held**2)),
-            "mean of all training checkpoints": float(np.mean(w * (held - np.mean(list(means.values()), 0)) ** 2)),
+            "mean of all training checkpoints (the control's tokens)": float(np.mean(w * (held - control) ** 2)),
             f"mean checkpoint of the closest training dataset ({best}; an oracle choice)": per[best]}  # fmt: skip
 
 

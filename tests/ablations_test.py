@@ -33,7 +33,8 @@ def test_condition_forms_are_the_data_rows():
     carried = [m == q for m, q in zip(mix, qa, strict=True)]
     assert all(c or m == r["prompt"] for c, m, r in zip(carried, mix, recs, strict=True))
     assert 0.14 < np.mean(carried) < 0.26  # p = 0.2 over 400 texts (binomial sd 0.02)
-    assert prompts.condition_texts(recs, "mix", 0, "d") == mix  # fixed per text: seeded by (seed, dataset)
+    assert prompts.condition_texts(recs, "mix", 0, "d") == mix  # fixed per text: seeded by (seed, text)
+    assert prompts.condition_texts(recs[::-1], "mix", 0, "other") == mix[::-1]  # not by position or file
     assert prompts.condition_texts(recs, "mix", 1, "d") != mix
     with pytest.raises(DndError, match=r"record 1 has no response.*labeled"):
         prompts.condition_texts([recs[0], {"prompt": "p", "response": ""}], "answers", 0, "d")
@@ -109,6 +110,7 @@ def test_arm_configs_change_one_thing_and_keep_suite_overrides():
         ablations.arm_config(s, "conditions", "answer", True)
 
 
+@pytest.mark.needs_models
 def test_ablation_suite_smoke_end_to_end(tmp_path):
     data = write_suite(tmp_path / "suite")
     work, out = tmp_path / "run", tmp_path / "report"

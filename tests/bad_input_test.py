@@ -27,6 +27,7 @@ from tests.collect_test import write_dataset
 from tests.lora_fixtures import QWEN2, write_tiny_llama
 from tests.train_fixtures import cli_overrides, make_experiment
 
+pytestmark = pytest.mark.needs_models  # every test here loads SmolLM2 or all-MiniLM-L6-v2
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 

@@ -67,6 +67,7 @@ def collection(tmp_path_factory):
     return data, tmp / "full" / "toy"
 
 
+@pytest.mark.needs_models
 def test_collect_writes_every_phase2_step(collection):
     _, ds = collection
     manifest = json.loads((ds / "manifest.json").read_text())
@@ -80,6 +81,7 @@ def test_collect_writes_every_phase2_step(collection):
     assert any(not np.array_equal(fa[k], fb[k]) for k in fa)
 
 
+@pytest.mark.needs_models
 def test_preempted_collection_resumes_to_the_same_checkpoints(collection, tmp_path):
     """SIGTERM (preemption): save at the next step, exit 0 saying so; SIGKILL is tests/kill_trials_test.py's."""
     data, full = collection
@@ -107,6 +109,7 @@ def test_preempted_collection_resumes_to_the_same_checkpoints(collection, tmp_pa
             np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=f"step {step} {k}")
 
 
+@pytest.mark.needs_models
 def test_tokens_of_real_checkpoints_round_trip_into_peft(collection, tmp_path):
     from peft import PeftModel, get_peft_model_state_dict
 
@@ -133,6 +136,7 @@ def test_tokens_of_real_checkpoints_round_trip_into_peft(collection, tmp_path):
     assert (want - plain).abs().max() > 1e-3  # the adapter really changes the model
 
 
+@pytest.mark.needs_models
 def test_prepare_matches_numpy_reference(collection, tmp_path):
     _, ds = collection
     out = prepare.prepare_dataset(ds, tmp_path / "tok" / "toy", chunk=64, real_length=3)
@@ -180,6 +184,7 @@ def test_smoke_config_is_small():
     assert c.phase1.steps + c.phase2.steps <= 6 and c.lora.r == 8
 
 
+@pytest.mark.needs_models
 def test_lora_init_is_shared_across_datasets_and_cache_states(tmp_path):
     """A LoRA's start depends on (seed, base model, LoRA config) only: a collection that first has to build
     the model cache (an empty DND_JAX_CACHE: the GGUF is dequantized through a randomly initialised

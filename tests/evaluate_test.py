@@ -45,6 +45,7 @@ def write_fixed_answer_dataset(root: Path, n: int = 36) -> Path:
     return root
 
 
+@pytest.mark.needs_models
 def test_loglikelihoods_match_hf_loss_oracle():
     """Shared-context, cached, padded scoring equals an unpadded forward whose HF cross-entropy gives -log P.
 
@@ -69,6 +70,7 @@ def test_loglikelihoods_match_hf_loss_oracle():
             assert abs(g - (-loss * len(x))) < 1e-3, (bs, ctx, cont, g, -loss * len(x))
 
 
+@pytest.mark.needs_models
 def test_batched_generation_matches_one_prompt_at_a_time():
     """Shared-prefix cache + padding + early stop give the parser the same text as an unbatched,
     unpadded HF generate of each prompt alone (greedy)."""
@@ -115,6 +117,7 @@ def _zero_b(tree: dict) -> dict:
     }
 
 
+@pytest.mark.needs_models
 def test_trained_lora_beats_base_via_cli(tmp_path):
     data = write_fixed_answer_dataset(tmp_path / "data")
     c = commonsense_smollm2.get_config("fixed,smoke")
@@ -144,6 +147,7 @@ def test_trained_lora_beats_base_via_cli(tmp_path):
     assert "| base |" in (out / "results.md").read_text() and "| base |" in r.stdout
 
 
+@pytest.mark.needs_models
 def test_adapter_for_another_base_model(tmp_path):
     data = write_fixed_answer_dataset(tmp_path / "data")
     _, other = make_adapter("qwen_plain", tmp_path / "tiny")  # a tiny Qwen2 adapter, hidden 64
@@ -154,6 +158,7 @@ def test_adapter_for_another_base_model(tmp_path):
         evaluate.evaluate("smollm2-135m-instruct", data, "fixed", [("training", "x", tmp_path)], tmp_path / "out")
 
 
+@pytest.mark.needs_models
 def test_response_nll_matches_hf_loss_oracle():
     """Batched nll (shared-prefix cache, right padding, head on response positions only) equals HF's own
     cross-entropy of each item alone, token-weighted; prompts of different lengths, one truncated."""

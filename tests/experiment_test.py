@@ -11,15 +11,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dnd_jax import experiment
 from dnd_jax.errors import DndError
+from dnd_jax.experiments import folds as folds_mod
+from dnd_jax.experiments import leaks, stats
 from tests.pipeline_test import write_suite
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def plant_leak(data: Path, src: str, dst: str, item: int = 0) -> dict:
+    """Copies test item `item` of task `src` into the train split of task `dst` (an exact, re-cased and
+    re-spaced copy: the normalised prompts match); returns the planted record."""
+    test = json.loads((data / f"{src}_test.json").read_text())
+    train = json.loads((data / f"{dst}_train.json").read_text())
+    rec = dict(test[item], prompt="  " + test[item]["prompt"].upper().replace("\n", " \n "))
+    (data / f"{dst}_train.json").write_text(json.dumps([*train, rec]))
+    return test[item]
+
+
+@pytest.mark.needs_models
 def test_many_task_smoke_end_to_end_and_resume(tmp_path):
+    from dnd_jax.experiments import leaks
+
     data = write_suite(tmp_path / "suite")  # t1, t2, t3, held: four tiny two-option tasks
+    planted = plant_leak(data, "held", "t2")  # a scored item of `held` in t2's train split
     work = tmp_path / "run"
     cmd = [sys.executable, "-m", "dnd_jax.experiment", "--config", str(REPO / "configs/many_task_smollm2.py:smoke"),
            f"--workdir={work}", f"--config.experiment.commonsense_dir={data}",
@@ -34,17 +49,32 @@ def test_many_task_smoke_end_to_end_and_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("up to date") == 5  # data, collect, tokens, folds, train: resumed, not redone
     cv = work / "cv-random-k2-s0"
-    folds = json.loads((cv / "folds.json").read_text())["folds"]
+    made = json.loads((cv / "folds.json").read_text())
+    folds = made["folds"]
     held = sorted(t for f in folds for t in f["heldout"])
-    assert held == ["held", "t1", "t2", "t3"] and all(len(f["heldout"]) == 2 for f in folds)
-    for f in folds:  # every held-out task: its fold's control, a retrieval choice among the training tasks
+    assert held == ["held", "t1", "t2", "t3"]
+    # The planted leak: held and t2 share a fold, and the planted item is not scored.
+    fold_of = {t: f["fold"] for f in folds for t in f["heldout"]}
+    assert fold_of["held"] == fold_of["t2"] and ["t2", "held"] in made["leaks"]["linked"]
+    assert 0 in folds[fold_of["held"]]["plans"]["held"]["exclude"]
+    # No scored item of any held-out task is in the train split of a task its fold trains on, or its own.
+    train_p = leaks.split_prompts(work / "data", held, "train")
+    for f in folds:
         for t in f["heldout"]:
-            plan = f["plans"][t]
-            assert plan["retrieval"] in f["train"] and set(plan["training"]) <= set(f["train"])
-            assert (cv / "dnd" / f"fold-{f['fold']}" / "generated" / t / "adapter-0" / "adapter_config.json").is_file()
-    scores = json.loads((cv / "scores" / "t1.json").read_text())
+            recs = json.loads((data / f"{t}_test.json").read_text())
+            keep = leaks.scored_indices(len(recs), f["plans"][t]["exclude"], 4)
+            scored = {leaks.normalize(recs[i]["prompt"]) for i in keep}
+            assert leaks.normalize(planted["prompt"]) not in scored or t != "held"
+            assert not scored & {p for u in [*f["train"], t] for p in train_p[u]}
+            for seed in (999, 1000):
+                assert (cv / "dnd" / f"fold-{f['fold']}" / f"seed-{seed}" / "generated" / t / "adapter-0"
+                        / "adapter_config.json").is_file()  # fmt: skip
+    scores = json.loads((cv / "scores" / "held.json").read_text())
     assert {"base", "own", "control", "retrieval", "training"} <= set(scores)
+    assert scores["items"] == 4 and scores["settings"]["limit"] == 4
     assert scores["own"]["nll"]["nll"] < scores["base"]["nll"]["nll"]  # the task's own LoRA learned its answers
+    gen = json.loads((cv / "dnd" / "scores" / "held.json").read_text())
+    assert sorted(gen["generated"]) == ["1000", "999"] and gen["settings"]["seeds"] == ["999", "1000"]
     report = (work / "report.md").read_text()
     for row in (
         "prompt-blind control",
@@ -53,28 +83,38 @@ def test_many_task_smoke_end_to_end_and_resume(tmp_path):
         "own LoRA",
         "generated (dnd)",
         "Time to an adapter",
+        "per seed vs control",
+        "answer-only NLL",
+        "Leak check",
+        "held in t2: 1",
     ):
-        assert row in report, row
+        assert row in report, row  # fmt: skip
     assert (work / "many_task.png").stat().st_size > 5000
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and again.stderr.count("up to date") == 7, again.stderr[-2000:]
-    assert (work / "report.md").read_text().split("## Stage wall")[0] == report.split("## Stage wall")[0]
+    assert (work / "report.md").read_text().split("## Time to")[0] == report.split("## Time to")[0]
+    # An evaluation-only change re-scores (stored settings differ) without retraining or regenerating.
+    more = subprocess.run([*cmd, "--config.experiment.limit=3"], env=env, capture_output=True, text=True)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "[train/dnd] up to date" in more.stderr and "[adapters/dnd] up to date" in more.stderr
+    assert "[evaluate/dnd] running" in more.stderr
+    assert json.loads((cv / "scores" / "held.json").read_text())["settings"]["limit"] == 3
 
 
 def test_folds_cover_every_task_once_and_family_split_keeps_families_together():
     names = [f"t{i}" for i in range(23)]
-    folds = experiment.assign_folds(names, 5, seed=0)
+    folds = folds_mod.assign_folds(names, 5, seed=0)
     assert sorted(t for f in folds for t in f) == sorted(names)
     assert sorted(len(f) for f in folds) == [4, 4, 5, 5, 5]
-    assert experiment.assign_folds(names, 5, seed=0) == folds and experiment.assign_folds(names, 5, seed=1) != folds
+    assert folds_mod.assign_folds(names, 5, seed=0) == folds and folds_mod.assign_folds(names, 5, seed=1) != folds
     fam = {n: f"f{i % 7}" for i, n in enumerate(names)}
-    ffolds = experiment.assign_folds(names, 5, 0, "family", fam)
+    ffolds = folds_mod.assign_folds(names, 5, 0, "family", fam)
     assert sorted(t for f in ffolds for t in f) == sorted(names)
     for f in ffolds:
         for t in f:
             assert all(fam[u] != fam[t] for g in ffolds if g is not f for u in g)
     with pytest.raises(DndError, match=r"experiment\.split"):
-        experiment.assign_folds(names, 5, 0, "bogus")
+        folds_mod.assign_folds(names, 5, 0, "bogus")
 
 
 def test_paired_statistics_against_a_plain_numpy_oracle():
@@ -82,7 +122,7 @@ def test_paired_statistics_against_a_plain_numpy_oracle():
     control = rng.uniform(0.5, 1.5, 40)
     generated = control - 0.1 + rng.normal(0, 0.05, 40)  # better (lower NLL) by 0.1 on average
     own = control - 0.4
-    st = experiment.paired(generated, control, 4000, 0, tie=0.01)
+    st = stats.paired(generated, control, 4000, 0, tie=0.01)
     d = control - generated
     assert st["mean"] == pytest.approx(d.mean())
     assert st["wins"] + st["ties"] + st["losses"] == 40 and st["wins"] == int((d > 0.01).sum())
@@ -90,10 +130,67 @@ def test_paired_statistics_against_a_plain_numpy_oracle():
     se = d.std(ddof=1) / np.sqrt(40)
     assert st["ci"][0] < d.mean() < st["ci"][1]
     assert (st["ci"][1] - st["ci"][0]) == pytest.approx(2 * 1.96 * se, rel=0.15)
-    gap = experiment.gap_closed(control, generated, own, 2000, 0)
+    gap = stats.gap_closed(control, generated, own, 2000, 0)
     assert gap["fraction"] == pytest.approx(d.mean() / 0.4) and gap["ci"][0] < gap["fraction"] < gap["ci"][1]
-    null = experiment.paired(control, control, 1000, 0, tie=0.0)
+    null = stats.paired(control, control, 1000, 0, tie=0.0)
     assert null["mean"] == 0 and null["ties"] == 40 and null["ci"] == [0.0, 0.0]
+
+
+def test_leak_check_links_tasks_drops_items_and_the_folds_keep_them_together():
+    norm = leaks.normalize
+    assert norm("  Which IS it?\nA: x ") == norm("which is it a x") == "which is it a x"
+    train = {t: [norm(f"{t} item {i}") for i in range(6)] for t in ("a", "b", "c", "d", "e", "f")}
+    test = {t: [norm(f"{t} test {i}") for i in range(5)] for t in train}
+    test["a"][1] = train["a"][3]  # within a task
+    test["a"][4] = test["a"][0]  # a repeated test item
+    test["c"][2] = train["e"][0]  # c's scored item is in e's train split
+    found = leaks.check(train, test)
+    assert found["within"] == {"a": [1]} and found["repeated"] == {"a": [4]}
+    assert found["cross"] == [{"test_task": "c", "train_task": "e", "items": [2]}]
+    assert found["exclude"] == {"a": [1, 4], "c": [2]} and found["linked"] == [["c", "e"]]
+    assert leaks.scored_indices(5, found["exclude"]["a"], 3) == [0, 2, 3]
+    names = list(train)
+    for seed in range(20):  # c and e (found) and a, b (declared) always share a fold, under either split
+        for split in ("random", "family"):
+            fam = {n: n for n in names}
+            fs = folds_mod.assign_folds(names, 3, seed, split, fam, found["linked"] + [["a", "b"]])
+            where = {t: i for i, f in enumerate(fs) for t in f}
+            assert sorted(where) == sorted(names) and where["c"] == where["e"] and where["a"] == where["b"]
+            folds = [{"heldout": f, "train": [n for n in names if n not in f]} for f in fs]
+            scored = {t: [test[t][i] for i in leaks.scored_indices(5, found["exclude"].get(t, []), 5)] for t in names}
+            leaks.audit(folds, train, scored)  # passes: nothing scored reaches training
+    bad = [{"heldout": ["c"], "train": ["e"]}]
+    with pytest.raises(DndError, match=r"leak check: 1 scored item\(s\) of held-out task 'c'"):
+        leaks.audit(bad, train, {"c": test["c"]})  # without the fix the planted item would be trained on
+    # Without links, the random split is the plain seeded round robin of before (sizes differ by <= 1).
+    plain = folds_mod.assign_folds(names, 3, 0)
+    perm = np.random.default_rng([0, 17]).permutation(6)
+    assert plain == [[n for j, n in enumerate(names) if list(perm).index(j) % 3 == f] for f in range(3)]
+
+
+def test_seed_aware_bootstrap_and_undefined_statistics():
+    rng = np.random.default_rng(1)
+    n, groups = 30, np.repeat(np.arange(5), 6)
+    control = rng.uniform(0.5, 1.5, n)
+    # Two generator seeds per fold: a fold-level seed effect of +-0.05, no task-level difference from control.
+    effect = rng.choice([-0.05, 0.05], size=(5, 2))
+    generated = control[:, None] + effect[groups] + rng.normal(0, 1e-3, (n, 2))
+    with_seeds = stats.paired(generated, control, 4000, 0, tie=0.0, groups=groups)
+    one_seed = stats.paired(generated[:, :1], control, 4000, 0, tie=0.0, groups=groups)
+    naive = stats.paired(generated.mean(1), control, 4000, 0, tie=0.0)
+    assert with_seeds["seeds"] == 2 and len(with_seeds["per_seed"]) == 2
+    np.testing.assert_allclose(with_seeds["per_seed"], (control[:, None] - generated).mean(0))
+    # Resampling each fold's seeds widens the interval over the task-only bootstrap of seed means.
+    width = with_seeds["ci"][1] - with_seeds["ci"][0]
+    assert width > 1.5 * (naive["ci"][1] - naive["ci"][0])
+    assert one_seed["seeds"] == 1 and with_seeds["mean"] == pytest.approx(naive["mean"])
+    # gap closed: a resample without a gap is undefined; the interval skips it and says how often.
+    own = control.copy()
+    own[:3] -= 5.0  # the gap rests on 3 tasks: some resamples miss all three
+    gap = stats.gap_closed(control, control - 0.01, own, 2000, 0)
+    assert 0 < gap["undefined"] < 0.2 and np.isfinite(gap["ci"]).all()
+    flat = stats.gap_closed(control, control, control, 200, 0)
+    assert flat["undefined"] == 1.0 and np.isnan(flat["fraction"]) and np.isnan(flat["ci"]).all()
 
 
 def test_b_token_mask_marks_exactly_the_b_tokens():

@@ -28,6 +28,7 @@ def _enc(kind: str, path: str, **extra) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"type": kind, "path": path, "dtype": "float32", **extra})
 
 
+@pytest.mark.needs_models
 def test_decoder_lm_matches_pytorch_llama_hidden_states_on_smollm2():
     """hidden_states[n] of transformers.LlamaModel (SmolLM2-135M-Instruct, fp32): the output of the first n
     decoder layers, no final norm; right-padded real prompts of many lengths, every position compared.
@@ -109,6 +110,7 @@ def test_decoder_lm_shapes_at_qwen25_7b_sizes():
     assert out.shape == (2, 20, 384, 3584) and out.dtype == jnp.bfloat16
 
 
+@pytest.mark.needs_models
 def test_static_matches_embedding_rows_looked_up_in_numpy():
     """static: MiniLM's word-piece embedding rows, no [CLS]/[SEP], [UNK] -> ones, padding -> zeros."""
     enc, tok = extractors.load_extractor(_enc("static", MINILM_L6))
@@ -126,6 +128,7 @@ def test_static_matches_embedding_rows_looked_up_in_numpy():
     np.testing.assert_array_equal(got, want.astype(np.float32))
 
 
+@pytest.mark.needs_models
 def test_load_extractor_errors_are_one_line():
     with pytest.raises(DndError, match=r"encoder\.type: 'glove' is not one of sentence_bert, decoder_lm, static"):
         extractors.load_extractor(_enc("glove", MINILM_L6))
@@ -154,6 +157,7 @@ def _smoke_config(kind: str, exp, **extra):
 
 
 @pytest.mark.parametrize("kind,width", [("sentence_bert", 384), ("decoder_lm", 576), ("static", 384)])
+@pytest.mark.needs_models
 def test_smoke_training_per_extractor_type(exp, tmp_path, kind, width):
     """configs/ablations/extractors.py:<type>,smoke on the tiny experiment: the extractor runs inside the
     sharded jitted step (one compilation), the loss is finite; a wrong first-layer width is one clear error."""

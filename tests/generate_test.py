@@ -26,6 +26,7 @@ from dnd_jax.extractors import load_tokenizer
 from tests.lora_fixtures import base_model
 from tests.train_fixtures import NAMES, make_experiment, tiny_config
 
+pytestmark = pytest.mark.needs_models  # every test here loads SmolLM2 or all-MiniLM-L6-v2
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -118,3 +119,37 @@ def test_workdir_without_checkpoint(trained, tmp_path):
     with pytest.raises(DndError, match="not a training workdir"):
         generate.generate(tmp_path, trained / "prompts" / "gamma_test.json", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_from_offset_takes_the_offsets_a_tokens_exactly(trained, tmp_path):
+    """experiment.predict "b_only": the generated A tokens are the given mean's, bit for bit; B^T are not."""
+    from dnd_jax.trainer import b_token_mask
+
+    layout = open_token_set(trained / "tokens" / NAMES[0]).layout
+    mean = np.random.default_rng(3).normal(size=layout.shape).astype(np.float32)
+    np.save(tmp_path / "mean.npy", mean)
+    gen = generate.AdapterGenerator(trained / "wd", a_from=tmp_path / "mean.npy")
+    texts = gen.texts(json.loads((trained / "prompts" / f"{NAMES[2]}_test.json").read_text()))
+    tokens = np.asarray(gen._tokens_fn(*gen._args(texts, 2, None)))
+    b = b_token_mask(layout).astype(bool)
+    np.testing.assert_array_equal(tokens[:, ~b], np.broadcast_to(mean[~b], tokens[:, ~b].shape))
+    assert not np.allclose(tokens[:, b], mean[b])
+    plain = generate.AdapterGenerator(trained / "wd")  # trained on absolute tokens: no offset at all
+    assert not np.allclose(np.asarray(plain._tokens_fn(*plain._args(texts, 2, None)))[:, ~b], mean[~b])
+
+
+def test_cli_and_in_process_generation_are_one_path(trained, tmp_path):
+    """The CLI and the experiment (AdapterGenerator on records, its default seed) give the same adapters."""
+    prompts = trained / "prompts" / f"{NAMES[2]}_test.json"
+    r = generate.generate(trained / "wd", prompts, tmp_path / "cli", num_adapters=2, repeats=1)
+    gen = generate.AdapterGenerator(trained / "wd")
+    lora, _ = gen(gen.texts(json.loads(prompts.read_text())), 2, repeats=1)
+    paths = gen.save(lora, tmp_path / "exp", {"step": gen.step})
+    for a, b in zip(r["adapters"], paths, strict=True):
+        x, _ = load_safetensors(a / "adapter_model.safetensors")
+        y, _ = load_safetensors(b / "adapter_model.safetensors")
+        assert set(x) == set(y) and all(np.array_equal(x[k], y[k]) for k in x)
+    info = json.loads((tmp_path / "cli" / "generation.json").read_text())
+    assert info["load_s"] > 0 and info["compile_s"] > 0 and info["condition"] == "prompts"
+    scales = gen.negative_scales(gen.texts(json.loads(prompts.read_text())), 2)
+    assert scales["chunks"] > 0 and 0 <= scales["negative"] <= scales["chunks"]

@@ -26,6 +26,7 @@ import pytest
 
 from tests.train_fixtures import cli_overrides, make_experiment
 
+pytestmark = pytest.mark.needs_models  # every test here loads SmolLM2 or all-MiniLM-L6-v2
 REPO = Path(__file__).resolve().parents[1]
 SEED = 15
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import transformers
 from flax import nnx
 
@@ -28,6 +29,7 @@ from dnd_jax.data.prepare import open_token_set
 from tests.lora_fixtures import QWEN2
 from tests.train_fixtures import FEATURES, tiny_config
 
+pytestmark = pytest.mark.needs_models  # every test here loads SmolLM2 or all-MiniLM-L6-v2
 COLOURS = ("red", "blue", "green")
 ANIMALS = ("cat", "horse", "eagle")
 HELD_OUT = (("red", "eagle"), ("green", "cat"))

@@ -20,6 +20,7 @@ import pytest
 from dnd_jax import trainer
 from tests.train_fixtures import cli_overrides, make_experiment, params_close, tiny_config
 
+pytestmark = pytest.mark.needs_models  # every test here loads SmolLM2 or all-MiniLM-L6-v2
 REPO = Path(__file__).resolve().parents[1]
 # Adam's first steps are ~lr * sign(g); eps = 1 keeps the update smooth in g (see trainer_test).
 OVER = {"train.checkpoint_every": 2, "mesh.shape": (4, 2), "train.eps": 1.0}

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dnd_jax.data import bigbench
 from tests.evaluate_test import write_fixed_answer_dataset
@@ -41,6 +42,7 @@ def demo_smoke_cmd(work: Path, data: Path) -> list[str]:
             "--config.train.progress=False"]  # fmt: skip
 
 
+@pytest.mark.needs_models
 def test_demo_smoke_pipeline_end_to_end_and_resume(tmp_path):
     data = write_suite(tmp_path / "data")
     work = tmp_path / "run"

@@ -26,6 +26,7 @@ def exp(tmp_path_factory):
     return make_experiment(tmp_path_factory.mktemp("exp"))
 
 
+@pytest.mark.needs_models
 def test_sharded_step_matches_single_device_and_compiles_once(exp, tmp_path):
     assert jax.device_count() == 8
     # Adam's first steps are ~lr * sign(g): float32 reduction-order noise in a near-zero gradient flips
@@ -49,6 +50,7 @@ def test_sharded_step_matches_single_device_and_compiles_once(exp, tmp_path):
     assert abs(sharded["heldout_wmse_end"] - single["heldout_wmse_end"]) < 1e-5
 
 
+@pytest.mark.needs_models
 def test_fft_convs_sharded_match_single_device(exp, tmp_path):
     """k = 9, conv_impl='fft': one device takes the FFT path (layer 0's ConvW1, layer 1's ConvW2); the
     4 x 2 mesh runs the same convs per batch shard in shard_map (hyperconv.conv); both train alike.
@@ -71,6 +73,7 @@ def test_fft_convs_sharded_match_single_device(exp, tmp_path):
     assert params_close(sharded["state"]["params"], single["state"]["params"]) < 1e-6
 
 
+@pytest.mark.needs_models
 def test_gemm_convs_sharded_match_single_device(exp, tmp_path):
     """bf16 layers with conv_impl='gemm' (one bf16 GEMM per conv, custom VJP) train alike on a 4 x 2 mesh
     (XLA partitions them) and on one device."""
@@ -88,6 +91,7 @@ def test_gemm_convs_sharded_match_single_device(exp, tmp_path):
     assert params_close(sharded["state"]["params"], single["state"]["params"]) < 1e-4
 
 
+@pytest.mark.needs_models
 def test_encoder_cache_trains_like_encoding_every_step(exp, tmp_path):
     """encoder.cache: each prompt is encoded once (on the host side of the step) and reused; without
     dropout the conditions are the same, so the run is the same as encoding inside every step."""
@@ -140,6 +144,7 @@ def test_paper_config_without_a_collection_names_the_collect_command(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "w" / "checkpoints").exists()
 
 
+@pytest.mark.needs_models
 def test_one_writer_per_workdir_and_a_stale_lock_does_not_block(exp, tmp_path):
     from dnd_jax.fileio import workdir_lock
 
@@ -153,6 +158,7 @@ def test_one_writer_per_workdir_and_a_stale_lock_does_not_block(exp, tmp_path):
     assert r["start_step"] == 0 and (work / "checkpoints" / "1").is_dir()
 
 
+@pytest.mark.needs_models
 def test_sigterm_saves_at_the_next_step_and_exits_0(exp, tmp_path):
     """What TPU VMs and SLURM send before preemption: save, exit 0 with a line saying how to resume."""
     env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
@@ -189,7 +195,7 @@ def test_config_typo_is_one_line(exp, tmp_path):
     ("model.features", ((4, 16, 384), (8, 8, 34), (90, 10, 34)), "differs from config model.features[-1]"),
     ("data.train_datasets", ("alpha", "gamma"), "is also a training dataset"),
     ("train.batch_size", 6, "not divisible"),
-    ("encoder.cache", True, "needs encoder.train_dropout=False"),
+    pytest.param("encoder.cache", True, "needs encoder.train_dropout=False", marks=pytest.mark.needs_models),
 ])  # fmt: skip
 def test_bad_setup_fails_before_compiling(exp, tmp_path, monkeypatch, field, value, message):
     compiled = []

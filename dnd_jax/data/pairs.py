@@ -147,8 +147,10 @@ def prompt_batch(pool: PromptPool, num_texts: int, rng: np.random.Generator) -> 
 
 
 def prompt_indices(pool: PromptPool, num_texts: int, rng: np.random.Generator) -> np.ndarray:
-    """The sorted prompt indices `prompt_batch` draws with the same rng state."""
-    return np.sort(sample_prompt_batch(pool.input_ids.shape[0], num_texts, rng, pool.name))
+    """The prompt indices `prompt_batch` draws with the same rng state, in the order drawn (the original's
+    random.sample order: the generator is not invariant to the order of its prompt slots, so the order is
+    part of the augmentation)."""
+    return sample_prompt_batch(pool.input_ids.shape[0], num_texts, rng, pool.name)
 
 
 def prefetch(make, steps: range, depth: int = 2) -> Iterator:

@@ -151,9 +151,10 @@ def condition_texts(records: list[dict], form: str, seed: int, where: str) -> li
       form: "prompts" (the prompt only: the default and the only form for unlabeled prompts), "answers"
         (the response only), "prompts_answers" (prompt + "answer: " + response, the original's text with no
         separator) or "mix" (each text is prompt + answer with probability MIX_ANSWER_P, else the prompt;
-        drawn once per text from (seed, where), as the original fixes it when the dataset is built).
+        drawn once per text from (seed, the text itself), as the original fixes it when the dataset is built:
+        the same records and seed give the same texts wherever they are read from, CLI or experiment).
       seed: the run's seed (mix only).
-      where: the dataset or file, for the mix draw and error messages.
+      where: the dataset or file, for error messages.
 
     Returns:
       One string per record.
@@ -169,6 +170,5 @@ def condition_texts(records: list[dict], form: str, seed: int, where: str) -> li
     with_answer = [r["prompt"] + "answer: " + r["response"] for r in records]
     if form == "prompts_answers":
         return with_answer
-    rng = np.random.default_rng([seed, 29, zlib.crc32(where.encode())])
-    carry = rng.random(len(records)) < MIX_ANSWER_P
+    carry = [np.random.default_rng([seed, 29, zlib.crc32(w.encode())]).random() < MIX_ANSWER_P for w in with_answer]
     return [w if c else r["prompt"] for w, c, r in zip(with_answer, carry, records, strict=True)]

@@ -1,0 +1,1 @@
+"""The experiment layer: leak checks, fold building, statistics, and the experiments built on them."""

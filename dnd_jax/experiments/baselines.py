@@ -1,0 +1,69 @@
+"""Baselines that need no generator: the prompt-blind control and retrieval (and the checkpoint lookups)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dnd_jax.errors import DndError
+
+
+def mean_tokens(token_dir: Path, tasks: list[str], real_length: int) -> np.ndarray:
+    """The prompt-blind control's tokens: the pooled mean over every checkpoint of `tasks` (each task weighs
+    by its checkpoint count; with equal counts, as one collection recipe gives, the mean of task means)."""
+    from dnd_jax.data.prepare import open_token_set
+
+    total, n = None, 0
+    for t in tasks:
+        s = open_token_set(token_dir / t, real_length)
+        part = np.asarray(s.tokens, np.float64).sum(0)
+        total = part if total is None else total + part
+        n += s.tokens.shape[0]
+    return (total / n).astype(np.float32)
+
+
+def save_tokens_adapter(tokens_trk: np.ndarray, layout, out: Path) -> None:
+    """Detokenizes one token tensor into a PEFT adapter directory (written atomically)."""
+    from converters.jax_to_peft import save_peft_adapter
+    from dnd_jax import lora_tokens
+
+    save_peft_adapter(lora_tokens.detokenize(tokens_trk, layout), layout.spec, out, dtype=layout.spec.dtype,
+                      overwrite=True)  # fmt: skip
+
+
+def prompt_embeddings(c, names: list[str], n: int = 64) -> dict[str, dict[str, np.ndarray]]:
+    """{task: {"train": e, "test": e}}: the mean of the encoder's normalised mean-pooled embeddings of the
+    first `n` prompts of each split (the space the generator's conditions come from)."""
+    import jax.numpy as jnp
+
+    from dnd_jax.data.prompts import load_split
+    from dnd_jax.extractors import load_extractor
+    from dnd_jax.models.encoder import mean_pool, tokenize_prompts
+
+    enc, tok = load_extractor(c.encoder, dtype=jnp.float32)
+    out = {}
+    for name in names:
+        out[name] = {}
+        for split in ("train", "test"):
+            prompts = [r["prompt"] for r in load_split(c.data.prompts_dir, f"{name}_{split}", False)[:n]]
+            ids, mask = tokenize_prompts(tok, prompts, c.data.max_text_length)
+            hidden = enc(jnp.asarray(ids)[None], jnp.asarray(mask)[None])[0]
+            e = np.asarray(mean_pool(hidden, jnp.asarray(mask)), np.float64).mean(0)
+            out[name][split] = e / np.linalg.norm(e)
+    return out
+
+
+def retrieve(emb: dict, heldout: str, train_tasks: list[str]) -> tuple[str, float]:
+    """The training task whose train prompts are nearest (cosine) to the held-out task's test prompts."""
+    sims = {t: float(emb[heldout]["test"] @ emb[t]["train"]) for t in train_tasks}
+    best = max(sims, key=sims.get)
+    return best, sims[best]
+
+
+def last_checkpoint_in(root: Path, task: str) -> Path:
+    """A collected task's last checkpoint directory (root/<task>/step-*)."""
+    steps = sorted((Path(root) / task).glob("step-*"))
+    if not steps:
+        raise DndError(f"{Path(root) / task}: no checkpoints")
+    return steps[-1]
