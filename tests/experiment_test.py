@@ -206,3 +206,39 @@ def test_b_token_mask_marks_exactly_the_b_tokens():
     assert mask.sum() == want and mask.shape == (layout.num_tokens,)
     assert layout.num_tokens == 4296 and want == 24 * (7 + 1 + 1 + 7 + 38 + 38 + 7)  # spec §2.2
     assert mask[:7].sum() == 0 and mask[7:14].sum() == 7  # layer 0: q A tokens, then q B^T tokens
+
+
+@pytest.mark.needs_models
+def test_retrieval_picks_a_planted_near_duplicate(tmp_path):
+    """Real MiniLM embeddings: the held-out task's prompts are paraphrases of one training task's; retrieval
+    must pick that task, whichever it is, and the similarity must favour it clearly."""
+    import ml_collections
+
+    from configs import many_task_smollm2
+    from dnd_jax.experiments import baselines
+
+    topics = {"stars": "Which star in the night sky shines brightest in {m}?",
+              "soup": "Which soup recipe tastes best when cooked in {m}?",
+              "trains": "Which railway line runs the fastest trains in {m}?"}  # fmt: skip
+    months = ["January", "March", "May", "July", "September", "November"]
+    for near in ("stars", "trains"):
+        data = tmp_path / near
+        data.mkdir()
+        info = {}
+        for t, q in topics.items():
+            for split in ("train", "test"):
+                recs = [{"prompt": q.format(m=m), "response": "[A]"} for m in months]
+                (data / f"{t}_{split}.json").write_text(json.dumps(recs))
+                info[f"{t}_{split}"] = {"file_name": f"{t}_{split}.json"}
+        para = topics[near].replace("Which", "Tell me which").replace("?", ", please.")
+        recs = [{"prompt": para.format(m=m), "response": "[A]"} for m in months]
+        for split in ("train", "test"):
+            (data / f"held_{split}.json").write_text(json.dumps(recs))
+            info[f"held_{split}"] = {"file_name": f"held_{split}.json"}
+        (data / "dataset_info.json").write_text(json.dumps(info))
+        c = ml_collections.ConfigDict({"encoder": many_task_smollm2.get_config("smoke").encoder.to_dict(),
+                                       "data": {"prompts_dir": str(data), "max_text_length": 32}})  # fmt: skip
+        emb = baselines.prompt_embeddings(c, [*topics, "held"], n=6)
+        best, sim = baselines.retrieve(emb, "held", list(topics))
+        others = [float(emb["held"]["test"] @ emb[t]["train"]) for t in topics if t != near]
+        assert best == near and sim > max(others) + 0.05, (near, sim, others)

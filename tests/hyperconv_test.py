@@ -93,7 +93,14 @@ def test_fft_plan_picks_fft_only_where_cheaper():
 
 def test_fft_thresholds_follow_the_cpu_kind(monkeypatch):
     hyperconv.FFT_THRESHOLDS_OVERRIDE = None
-    assert hyperconv.cpu_kind() in ("avx2", "avx512", "amx")  # read from /proc/cpuinfo
+    for flags, want in (({"avx2"}, "avx2"), ({"avx2", "avx512f"}, "avx512"), ({"avx512f", "amx_bf16"}, "amx"),
+                        (set(), "avx2")):  # fmt: skip
+        monkeypatch.setattr(hyperconv, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert hyperconv.cpu_kind.__wrapped__() == want, flags
+    monkeypatch.undo()
+    own = open("/proc/cpuinfo").read().split("\nflags", 1)[1].split("\n", 1)[0].split(":", 1)[1].split()
+    want = "amx" if "amx_bf16" in own else "avx512" if "avx512f" in own else "avx2"  # this machine, read apart
+    assert hyperconv.cpu_kind() == want
     plans = {}
     for kind in ("avx2", "avx512", "amx"):
         monkeypatch.setattr(hyperconv, "cpu_kind", lambda kind=kind: kind)

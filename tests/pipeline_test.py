@@ -59,7 +59,6 @@ def test_demo_smoke_pipeline_end_to_end_and_resume(tmp_path):
     res = json.loads((work / "eval" / "results.json").read_text())
     kinds = [row["kind"] for row in res["rows"]]
     assert kinds == ["base", "heldout", "control", "retrieval", "training", "training", "generated", "generated"]
-    assert res["rows"][3]["name"].split(" ")[0] in ("t1", "t2")  # retrieval picks a training task
     assert "prompt-blind control" in report and (work / "baselines" / "control" / "adapter_config.json").is_file()
     assert sorted(p.name for p in (work / "generated").glob("adapter-*")) == ["adapter-0", "adapter-1"]
     times = json.loads((work / "stages.json").read_text())
