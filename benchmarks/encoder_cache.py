@@ -63,8 +63,9 @@ def main() -> None:
     ap.add_argument("--runs", default="many_task,commonsense")
     args = ap.parse_args()
     from configs import arc_c, many_task_smollm2
-    from dnd_jax.experiment import cv_dir, fold_config
-    from dnd_jax.pipeline import _resolve
+    from dnd_jax.experiments.folds import cv_dir
+    from dnd_jax.experiments.many_task import fold_config
+    from dnd_jax.experiments.stages import resolve as _resolve
 
     print(describe())
     out = Path(args.out)
@@ -73,7 +74,7 @@ def main() -> None:
     c = _resolve(many_task_smollm2.get_config(), workdir)
     if "many_task" in args.runs:
         fold = json.loads((cv_dir(c, workdir) / "folds.json").read_text())["folds"][args.fold]
-        fc = fold_config(c, fold["train"], fold["heldout"], None)
+        fc = fold_config(c, fold["train"], fold["heldout"], None, c.seed)
         fc.train.steps = args.steps
         run_three("many_task", fc, out)
     if "commonsense" in args.runs:

@@ -24,7 +24,7 @@ from benchmarks.cpuinfo import describe
 from benchmarks.timing import time_it
 from benchmarks.torch_hyperconv import TorchHyperConvDecoder
 from configs.base import PAPER_FEATURES, SMOLLM2_TOKENS
-from dnd_jax.models import hyperconv
+from dnd_jax.models import conv_paths
 from dnd_jax.models.hyperconv import GeneratorConfig, HyperConvDecoder, count_params, layer_flops
 from dnd_jax.trainer import weighted_mse
 
@@ -98,12 +98,12 @@ def main():
     ap.add_argument("--conv-impl", default="direct,auto",
                     help="generator conv_impl values to time (auto = FFT convs where cheaper on CPU)")  # fmt: skip
     ap.add_argument("--fft-ratios", default="",
-                    help="also time conv_impl=auto with these FFT cost-ratio thresholds (hyperconv.fft_plan), "
+                    help="also time conv_impl=auto with these FFT cost-ratio thresholds (conv_paths.fft_plan), "
                          "e.g. 0.45,0.7,1.0: the sweep that sets the per-CPU-kind thresholds")  # fmt: skip
     a = ap.parse_args()
     dev = jax.devices()[0]
-    ratio, min_ch = hyperconv.fft_thresholds()
-    kind = hyperconv.cpu_kind()  # tags every figure line; the full CPU line comes first
+    ratio, min_ch = conv_paths.fft_thresholds()
+    kind = conv_paths.cpu_kind()  # tags every figure line; the full CPU line comes first
     print(f"{describe()}; devices: {jax.device_count()} x {dev.device_kind}; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); FFT thresholds for this CPU kind: cost ratio <= {ratio}, "
           f">= {min_ch} channels")  # fmt: skip
@@ -120,9 +120,9 @@ def main():
         runs = [(impl, None) for impl in a.conv_impl.split(",")]
         runs += [("auto", float(r)) for r in a.fft_ratios.split(",") if r]
         for impl, r in runs:
-            hyperconv.FFT_THRESHOLDS_OVERRIDE = None if r is None else (r, min_ch)
+            conv_paths.FFT_THRESHOLDS_OVERRIDE = None if r is None else (r, min_ch)
             jt, jf, n, flops = jax_step_time(features, k, batch, a.dtype, a.repeats, impl)
-            hyperconv.FFT_THRESHOLDS_OVERRIDE = None
+            conv_paths.FFT_THRESHOLDS_OVERRIDE = None
             tag = impl if r is None else f"auto, FFT ratio <= {r}"
             line = (f"[{kind}] {name}: {n / 1e6:.2f} M params, batch {batch}, {flops / 1e9:.1f} GFLOP/sample fwd | JAX "
                     f"{a.dtype} conv_impl={tag}: step {jt:.3f} s ({batch / jt:.2f} samples/s, "

@@ -18,6 +18,9 @@ def parse_or_exit(argv: list[str], config_names: tuple[str, ...] = ("config",)) 
     """Parses absl flags; a bad flag, config file or override prints one line and exits with status 2."""
     from absl import flags
 
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(usage(flags.FLAGS))
+        sys.exit(0)
     try:
         rest = flags.FLAGS(argv)
         for name in config_names:  # ml_collections loads config files lazily: force it here
@@ -28,6 +31,22 @@ def parse_or_exit(argv: list[str], config_names: tuple[str, ...] = ("config",)) 
     except (flags.Error, KeyError, ValueError, AttributeError, TypeError, OSError) as e:
         print(f"error: {_one_line(e, argv)}", file=sys.stderr)
         sys.exit(2)
+
+
+def usage(flag_values) -> str:
+    """--help: the docstring of the module that defined the command's flags, then those flags."""
+    import importlib
+
+    own = {m: fl for m, fl in flag_values.flags_by_module_dict().items() if m.startswith("dnd_jax")}
+    parts = []
+    for m, fl in own.items():
+        try:
+            doc = (importlib.import_module(m).__doc__ or "").strip()
+        except ImportError:
+            doc = ""
+        parts.append(doc)
+        parts.append("flags:\n" + "\n".join(f"  --{f.name}: {f.help}" for f in sorted(fl, key=lambda f: f.name)))
+    return "\n\n".join(p for p in parts if p)
 
 
 def _unknown_field(e: KeyError, argv: list[str]) -> str:

@@ -17,10 +17,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 
-from dnd_jax.errors import DndError
+from dnd_jax.errors import DndError, multi_process_active
 
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
                 "MEGASCALE_COORDINATOR_ADDRESS")  # fmt: skip
@@ -76,13 +75,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return True
 
 
-def active() -> bool:
-    """Whether this process has joined a multi-process JAX runtime (without importing JAX)."""
-    if "jax" not in sys.modules:
-        return False
-    from jax._src import distributed as _d
-
-    return _d.global_state.client is not None
+active = multi_process_active  # whether this process has joined a multi-process JAX runtime
 
 
 @contextlib.contextmanager

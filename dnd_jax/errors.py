@@ -65,13 +65,20 @@ def _exit(code: int) -> NoReturn:
     own tracebacks while the interpreter shuts down: after the one-line error, those are silenced."""
     import threading
 
-    from dnd_jax import distributed
-
     sys.unraisablehook = lambda *_: None
     threading.excepthook = lambda *_: None
 
-    if distributed.active():
+    if multi_process_active():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def multi_process_active() -> bool:
+    """Whether this process has joined a multi-process JAX runtime (without importing JAX)."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import distributed as _d
+
+    return _d.global_state.client is not None

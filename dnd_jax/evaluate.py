@@ -30,24 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from dnd_jax.errors import DndError, run_cli
-from dnd_jax.protocols.gen import PARSED_CHARS, _common_prefix, generate_batch, gold_answer, parse_answer, score_gen
-from dnd_jax.protocols.ll import check_records, loglikelihoods, question_stem, score_ll
+from dnd_jax.protocols.gen import score_gen
+from dnd_jax.protocols.ll import check_records, score_ll
 from dnd_jax.protocols.nll import response_nll
 
-__all__ = [
-    "PARSED_CHARS",
-    "_common_prefix",
-    "check_records",
-    "evaluate",
-    "generate_batch",
-    "gold_answer",
-    "loglikelihoods",
-    "parse_answer",
-    "question_stem",
-    "response_nll",
-    "score_gen",
-    "score_ll",
-]  # fmt: skip
 PROTOCOLS = ("ll", "gen", "nll")
 KINDS = ("heldout", "control", "retrieval", "training", "generated")
 

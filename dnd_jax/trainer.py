@@ -14,7 +14,6 @@ loss = mean over valid entries of w_t (pred - (target + 1e-5 noise))^2 (spec §5
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import shutil
@@ -28,170 +27,27 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dnd_jax import fast_random, sharding
+from dnd_jax import sharding
 from dnd_jax.checkpointing import Checkpointer
 from dnd_jax.config_cli import check_same_config, config_dict, save_config
 from dnd_jax.data import pairs
 from dnd_jax.distributed import StopOnSigterm
 from dnd_jax.errors import DndError
-from dnd_jax.fileio import atomic_file, workdir_lock
-from dnd_jax.models.hyperconv import GeneratorConfig, HyperConvDecoder, layer_flops
-
-
-@dataclasses.dataclass
-class Data:
-    """Everything the loop reads, loaded and checked before compilation."""
-
-    train_sets: list
-    heldout: object  # TokenSet of the held-out dataset (monitoring only)
-    weight: np.ndarray  # [T] mean criterion weight of the training datasets
-    sampler: pairs.PairSampler
-    heldout_pool: pairs.PromptPool
-    encoder: object
-    layout: object
-    offset: np.ndarray | None = None  # [T, R, K] targets are tokens - offset (data.target_offset)
-    cache: pairs.HiddenCache | None = None  # encoder outputs per prompt (encoder.cache)
-    key_length: int | None = None  # no prompt has a real token past this position (encoder key trimming)
-
-
-def generator_config(config) -> GeneratorConfig:
-    m = config.model
-    return GeneratorConfig(features=tuple(tuple(f) for f in m.features), kernel_size=m.kernel_size,
-                           compute_dtype=m.compute_dtype, fp32_last_layer=m.fp32_last_layer,
-                           conv_impl=m.get("conv_impl", "direct"),
-                           zero_init_output=m.get("zero_init_output", False))  # fmt: skip
-
-
-def load_data(config) -> Data:
-    """Prepares (or reuses) the token store, loads prompts and the encoder, checks every shape."""
-    from dnd_jax.data.prepare import check_same_init, mean_criterion_weight, open_token_set, prepare_dataset
-    from dnd_jax.extractors import load_extractor
-    from dnd_jax.models.encoder import keys_needed
-
-    d, gen = config.data, generator_config(config)
-    names = list(d.train_datasets)
-    if d.heldout_dataset in names:
-        raise DndError(f"config field data.heldout_dataset: {d.heldout_dataset!r} is also a training dataset")
-    sets = {}
-    missing = [n for n in [*names, d.heldout_dataset] if not (Path(d.collection_dir) / n).is_dir()]
-    if missing:
-        raise DndError(
-            f"{Path(d.collection_dir) / missing[0]}: no checkpoints of dataset {missing[0]!r} (config field "
-            f"data.collection_dir; {len(missing)} of {len(names) + 1} datasets missing). Make them with: python -m "
-            f"dnd_jax.collect --config configs/collect/commonsense_smollm2.py --datasets {','.join(missing)} --out "
-            f"{d.collection_dir} (the SmolLM2 recipe of the :smoke configs), or point data.collection_dir at "
-            "existing PEFT checkpoints"
-        )
-    multi = jax.process_count() > 1
-    if multi and jax.process_index() != 0:  # process 0 prepares first; on a shared filesystem the rest reuse it
-        _barrier("dnd_jax.tokens")
-    for name in [*names, d.heldout_dataset]:
-        src = Path(d.collection_dir) / name
-        out = prepare_dataset(src, Path(d.token_dir) / name, d.chunk, d.real_length, d.pad)
-        sets[name] = open_token_set(out, d.real_length)
-        got = tuple(sets[name].tokens.shape[1:])
-        if got != tuple(gen.features[-1]):
-            raise DndError(f"{out}: token shape {list(got)} differs from config model.features[-1] "
-                           f"{list(gen.features[-1])} (set it to the data's shape, or data.chunk)")  # fmt: skip
-    if multi and jax.process_index() == 0:
-        _barrier("dnd_jax.tokens")
-    n, length = gen.features[0][:2]
-    if d.num_texts != n or d.max_text_length != length:
-        raise DndError(f"config: data.num_texts/max_text_length ({d.num_texts}, {d.max_text_length}) differ from "
-                       f"model.features[0][:2] {[n, length]}")  # fmt: skip
-    encoder, tok = load_extractor(config.encoder)
-    check_width(config, encoder)
-    pools = {name: pairs.tokenize_pool(tok, name, training_texts(config, name), d.max_text_length)
-             for name in [*names, d.heldout_dataset]}  # fmt: skip
-    train_sets = [sets[nm] for nm in names]
-    check_same_init([*train_sets, sets[d.heldout_dataset]], d.get("allow_mixed_init", False))
-    offset = load_target_offset(config, tuple(gen.features[-1]))
-    sampler = pairs.PairSampler(train_sets, pools, d.num_texts, config.train.batch_size, config.seed, offset)
-    if pools[d.heldout_dataset].input_ids.shape[0] < d.num_texts:
-        raise DndError(f"{d.heldout_dataset}: fewer prompts than num_texts={d.num_texts}")
-    key_length = keys_needed(*(p.attention_mask for p in pools.values()))  # exact key trimming, see encoder.py
-    cache = attach_cache(config, encoder, pools.values(), key_length) if config.encoder.get("cache", False) else None
-    weight = mean_criterion_weight(train_sets)
-    if d.get("loss_tokens", "all") == "b":
-        weight = weight * b_token_mask(train_sets[0].layout)
-    return Data(train_sets, sets[d.heldout_dataset], weight, sampler, pools[d.heldout_dataset], encoder,
-                train_sets[0].layout, offset, cache, key_length)  # fmt: skip
-
-
-def training_texts(config, name: str) -> list[str]:
-    """The condition texts of dataset `name`'s train split: data.condition's form of its records, the
-    first data.max_prompts of them (0: all; the original's number-of-conditions pool, spec §7.9)."""
-    from dnd_jax.data.prompts import condition_texts, load_split, needs_answers
-
-    d = config.data
-    form = d.get("condition", "prompts")
-    records = load_split(d.prompts_dir, f"{name}_train", needs_answers(form))
-    limit = d.get("max_prompts", 0)
-    return condition_texts(records[:limit] if limit else records, form, config.seed, name)
-
-
-def check_width(config, encoder) -> None:
-    """The generator's first layer takes the extractor's width: model.features[0][2] == its hidden size."""
-    e, dim = config.encoder, config.model.features[0][2]
-    if encoder.cfg.hidden_size != dim:
-        raise DndError(f"{e.path} (encoder.type {e.get('type', 'sentence_bert')}): encoder hidden size "
-                       f"{encoder.cfg.hidden_size} != model.features[0][2] {dim}; set the generator's first-layer "
-                       "width to the extractor's")  # fmt: skip
-
-
-def attach_cache(config, encoder, pools, key_length: int | None = None) -> pairs.HiddenCache:
-    """encoder.cache: one HiddenCache shared by `pools` (each prompt encoded once, deterministically)."""
-    e = config.encoder
-    if e.train_dropout:
-        raise DndError("config field encoder.cache=True needs encoder.train_dropout=False (a cached encoder output "
-                       "is computed once, without dropout)")  # fmt: skip
-    graphdef, state = nnx.split(encoder)
-
-    @jax.jit
-    def encode(ids, mask):
-        out = nnx.merge(graphdef, state)(ids, mask, key=None, mask_padding=e.mask_padding, key_length=key_length)
-        return out.astype(jnp.float32)
-
-    cache = pairs.HiddenCache(encode, encoder.cfg.hidden_size)
-    for pool in pools:
-        pool.cache = cache
-    return cache
-
-
-def _barrier(name: str) -> None:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
-def load_target_offset(config, shape: tuple) -> np.ndarray | None:
-    """config data.target_offset: an .npy token tensor the generator's targets are taken relative to
-    (targets = tokens - offset; generation adds it back), or "" for none (the original)."""
-    d = config.data
-    path, mode = d.get("target_offset", ""), d.get("loss_tokens", "all")
-    if mode not in ("all", "b"):
-        raise DndError(f"config field data.loss_tokens: {mode!r} (expected 'all' or 'b')")
-    if mode == "b" and not path:
-        raise DndError(
-            "config field data.loss_tokens='b' needs data.target_offset (its A tokens replace the untrained ones)"
-        )
-    if not path:
-        return None
-    if not Path(path).is_file():
-        raise DndError(f"{path}: no such file (config field data.target_offset)")
-    offset = np.load(path).astype(np.float32)
-    if tuple(offset.shape) != shape:
-        raise DndError(f"{path}: target offset shape {list(offset.shape)} differs from the tokens' {list(shape)}")
-    return offset
-
-
-def b_token_mask(layout) -> np.ndarray:
-    """[T] float32: 1 on B^T tokens, 0 on A tokens."""
-    mask = np.zeros(layout.num_tokens, np.float32)
-    for s in layout.segments:
-        if s.side == "b":
-            mask[s.start : s.start + s.count] = 1.0
-    return mask
+from dnd_jax.fileio import workdir_lock
+from dnd_jax.metrics_writer import Writer, to_host
+from dnd_jax.models.hyperconv import HyperConvDecoder, generator_config, layer_flops
+from dnd_jax.objectives.recon import _encode, b_token_mask, make_steps, weighted_mse  # noqa: F401 (callers use trainer.*)
+from dnd_jax.train_data import (  # noqa: F401 (callers use trainer.*)
+    Data,
+    _barrier,
+    _global_batch,
+    attach_cache,
+    check_width,
+    heldout_batches,
+    load_data,
+    load_target_offset,
+    training_texts,
+)
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -217,59 +73,6 @@ def make_init_state(config):
     return init_state
 
 
-def _encode(enc_graphdef, enc_state, ids_bnl, mask_bnl, key, mask_padding, key_length=None):
-    encoder = nnx.merge(enc_graphdef, enc_state)
-    cond = encoder(ids_bnl, mask_bnl, key=key, mask_padding=mask_padding, key_length=key_length)
-    return jax.lax.stop_gradient(cond).astype(jnp.float32)  # frozen: no gradient reaches the extractor
-
-
-def weighted_mse(pred_btrk, target_btrk, weight_t):
-    """Mean over valid (non-NaN) entries of w_t * (pred - target)^2, in float32."""
-    valid = ~jnp.isnan(target_btrk)
-    err = (pred_btrk.astype(jnp.float32) - jnp.where(valid, target_btrk, 0.0)) ** 2
-    return jnp.sum(jnp.where(valid, weight_t[None, :, None, None] * err, 0.0)) / jnp.maximum(valid.sum(), 1)
-
-
-def make_steps(config, graphdef, enc_graphdef, tx, schedule, key_length: int | None = None):
-    """Returns the (unjitted) train and eval step functions (`key_length`: see `encoder.keys_needed`)."""
-    t, e = config.train, config.encoder
-    compute = jnp.dtype(config.model.compute_dtype)
-
-    def condition(enc_state, batch, key):
-        if "cond" in batch:  # encoder.cache: encoded once per prompt, on the host side
-            return batch["cond"]
-        return _encode(
-            enc_graphdef, enc_state, batch["input_ids"], batch["attention_mask"], key, e.mask_padding, key_length
-        )
-
-    def loss_fn(params, enc_state, batch, weight, key):
-        k_drop, k_cond, k_tgt = jax.random.split(key, 3)
-        cond = condition(enc_state, batch, k_drop if e.train_dropout else None)
-        cond = cond + t.noise_condition * fast_random.normal(k_cond, cond.shape)
-        pred = nnx.merge(graphdef, params)(cond.astype(compute))
-        target = batch["tokens"] + t.noise_target * fast_random.normal(k_tgt, batch["tokens"].shape)
-        loss = weighted_mse(pred, target, weight)
-        return loss, (jnp.mean(jnp.square(pred.astype(jnp.float32))), jnp.mean(jnp.square(batch["tokens"])))
-
-    def train_step(state, enc_state, batch, weight):
-        key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-        (loss, (gen_ms, tgt_ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], enc_state, batch, weight, key
-        )
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-                   "generated_mean_square": gen_ms, "target_mean_square": tgt_ms}  # fmt: skip
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-    def eval_step(params, enc_state, batch, weight):
-        cond = condition(enc_state, batch, None)
-        pred = nnx.merge(graphdef, params)(cond.astype(compute))
-        return weighted_mse(pred, batch["tokens"], weight), jnp.mean(jnp.square(pred.astype(jnp.float32)))
-
-    return train_step, eval_step
-
-
 def _tree_shardings(tree, param_sh, rep):
     """Shardings of an optimizer state: subtrees shaped like the params follow them, the rest replicate."""
     pstruct = jax.tree.structure(param_sh)
@@ -280,72 +83,6 @@ def _tree_shardings(tree, param_sh, rep):
     return jax.tree.map(lambda x: param_sh if is_params(x) else rep, tree, is_leaf=is_params)
 
 
-def _logged_step(line: str, start: int) -> int | None:
-    """The step of a metrics.jsonl row to keep on resuming from `start` (rows up to it; none when starting
-    over), None for a row to drop (later, or a partial line left by a kill)."""
-    try:
-        step = int(json.loads(line)["step"]) if line.endswith("\n") else None
-    except (ValueError, KeyError, TypeError):
-        return None
-    return step if step is not None and 0 < start and step <= start else None
-
-
-class Writer:
-    """TensorBoard event files plus metrics.jsonl in the workdir, written by process 0 only.
-
-    Events are written with tensorboardX (no PyTorch or TensorFlow in the training process); the
-    files are ordinary TensorBoard event files (`tensorboard --logdir <workdir>/tensorboard`).
-    """
-
-    def __init__(self, workdir: Path, start: int = 0):
-        """`start`: the step training resumes from; rows logged after it by a killed run are dropped (from
-        metrics.jsonl, and hidden in TensorBoard by a purge marker), so the logs read as one run."""
-        self.active = jax.process_index() == 0
-        self.tb = None
-        if not self.active:
-            return
-        try:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1 if start else None)
-        except ImportError:
-            print("warning: tensorboardX is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
-        path = workdir / "metrics.jsonl"
-        if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines(keepends=True) if _logged_step(ln, start) is not None]
-            with atomic_file(path, "w") as f:
-                f.writelines(keep)
-        self.jsonl = path.open("a")
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.active:
-            return
-        clean = {k: float(v) for k, v in metrics.items()}
-        if self.tb is not None:
-            for k, v in clean.items():
-                self.tb.add_scalar(k, v, step)
-            self.tb.flush()
-        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-        self.jsonl.flush()
-
-    def close(self) -> None:
-        if self.active:
-            if self.tb is not None:
-                self.tb.close()
-            self.jsonl.close()
-
-
-def to_host(tree):
-    """Fetches a tree of replicated arrays; in a multi-process run each process reads its own copy."""
-
-    def get(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(x.addressable_data(0))
-        return np.asarray(x)
-
-    return jax.tree.map(get, tree)
-
-
 def exit_if_stopped(result: dict, workdir) -> None:
     """After a SIGTERM stop, says where to resume and exits 0 (train; and pipeline / experiment, which
     would otherwise go on with an unfinished generator)."""
@@ -353,35 +90,6 @@ def exit_if_stopped(result: dict, workdir) -> None:
         print(f"stopped by SIGTERM after step {result['stopped_at']}; its checkpoint is in {workdir}/checkpoints; "
               "re-run the same command to resume", file=sys.stderr)  # fmt: skip
         raise SystemExit(0)
-
-
-def _global_batch(b: pairs.Batch, batch_sh, global_b: int) -> dict:
-    def put(x):
-        return jax.make_array_from_process_local_data(batch_sh, x, (global_b, *x.shape[1:]))
-
-    if b.cond_bnld is not None:
-        return {"cond": put(b.cond_bnld), "tokens": put(b.tokens_btrk)}
-    return {
-        "input_ids": put(b.input_ids_bnl),
-        "attention_mask": put(b.attention_mask_bnl),
-        "tokens": put(b.tokens_btrk),
-    }
-
-
-def heldout_batches(data: Data, config) -> list[pairs.Batch]:
-    """Fixed held-out monitoring batches: held-out train prompts, held-out checkpoints (spec §5.1)."""
-    rng = np.random.default_rng([config.seed, 1_000_003])
-    n, out, pool = data.heldout.tokens.shape[0], [], data.heldout_pool
-    for _ in range(config.train.eval_batches):
-        idx = rng.integers(0, n, size=config.train.batch_size)
-        sels = [pairs.prompt_indices(pool, config.data.num_texts, rng) for _ in idx]
-        toks = np.stack([np.asarray(data.heldout.tokens[i], np.float32) for i in idx])
-        if data.offset is not None:
-            toks = toks - data.offset
-        sel = np.stack(sels)  # [B, N]
-        cond = None if pool.cache is None else pool.hidden(sel.ravel()).reshape(*sel.shape, -1, pool.cache.dim)
-        out.append(pairs.Batch(pool.input_ids[sel], pool.attention_mask[sel], toks, cond))
-    return out
 
 
 _POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",

@@ -66,7 +66,7 @@ def test_trainer_pools_hold_the_configured_texts(tmp_path):
 
 def test_arrangement_subsets_are_nested_and_their_control_is_their_mean(tmp_path):
     from dnd_jax.data.prepare import open_token_set, prepare_dataset
-    from dnd_jax.experiment import arm_fold
+    from dnd_jax.experiments.many_task import arm_fold
     from tests.train_fixtures import make_experiment, tiny_config
 
     exp = make_experiment(tmp_path / "exp")
@@ -92,7 +92,7 @@ def test_arrangement_subsets_are_nested_and_their_control_is_their_mean(tmp_path
 
 def test_arm_configs_change_one_thing_and_keep_suite_overrides():
     from configs.ablations import suite
-    from dnd_jax import ablations
+    from dnd_jax.experiments import ablations
 
     s = suite.get_config("smoke")
     s.experiment.limit = 2  # a suite-level override reaches every arm

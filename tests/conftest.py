@@ -30,8 +30,8 @@ def _seed():
 @pytest.fixture(autouse=True)
 def _fft_thresholds():
     """The same FFT conv choices on every CPU (the per-CPU-kind table is tested on its own)."""
-    from dnd_jax.models import hyperconv
+    from dnd_jax.models import conv_paths
 
-    hyperconv.FFT_THRESHOLDS_OVERRIDE = (0.45, 24)
+    conv_paths.FFT_THRESHOLDS_OVERRIDE = (0.45, 24)
     yield
-    hyperconv.FFT_THRESHOLDS_OVERRIDE = None
+    conv_paths.FFT_THRESHOLDS_OVERRIDE = None

@@ -19,6 +19,7 @@ from dnd_jax import evaluate
 from dnd_jax.collect import collect
 from dnd_jax.errors import DndError
 from dnd_jax.lm import load_base
+from dnd_jax.protocols import gen, ll
 from tests.lora_fixtures import make_adapter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_loglikelihoods_match_hf_loss_oracle():
     pairs = [(sky, " blue"), (sky, " a deep shade of green"), (add, " four"), (fruit, " a ripe yellow banana"),
              (add, " 4"), (sky, " red"), (fruit, " apple")]  # fmt: skip
     for bs in (1, 2, 3):
-        got = evaluate.loglikelihoods(lm, tok, pairs, batch_size=bs, device="cpu")
+        got = ll.loglikelihoods(lm, tok, pairs, batch_size=bs, device="cpu")
         for (ctx, cont), g in zip(pairs, got, strict=True):
             c = tok(ctx, add_special_tokens=False)["input_ids"]
             x = tok(cont, add_special_tokens=False)["input_ids"]
@@ -81,34 +82,34 @@ def test_batched_generation_matches_one_prompt_at_a_time():
                  "Which animal barks and likes to chase a ball in the park every morning?\nA: cat\nB: dog",
                  "2 + 2 =\nA: 4\nB: 5"]  # fmt: skip
     seqs = [tok(chat_prompt_text(tok, SYSTEM, q), add_special_tokens=False)["input_ids"] for q in questions]
-    assert evaluate._common_prefix(seqs) > 10  # the chat template and system prompt are shared
-    got = evaluate.generate_batch(lm, tok, seqs, 12, "cpu")
+    assert gen._common_prefix(seqs) > 10  # the chat template and system prompt are shared
+    got = gen.generate_batch(lm, tok, seqs, 12, "cpu")
     for q, g in zip(seqs, got, strict=True):
         with torch.no_grad():
             out = lm.generate(
                 input_ids=torch.tensor([q]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id
             )
         alone = tok.decode(out[0, len(q) :], skip_special_tokens=True)
-        assert g[: evaluate.PARSED_CHARS] == alone[: evaluate.PARSED_CHARS], (g, alone)
+        assert g[: gen.PARSED_CHARS] == alone[: gen.PARSED_CHARS], (g, alone)
 
 
 def test_question_stem_keeps_dialogue_lines():
     prompt = ("A: Shall we meet later?\nB: Yes, in <MASK>.\nWhich fits the mask?\nA: ten minutes\nB: ten years\n"
               "Please answer with the letter.")  # fmt: skip
-    assert evaluate.question_stem(prompt, ["ten minutes", "ten years"]) == (
+    assert ll.question_stem(prompt, ["ten minutes", "ten years"]) == (
         "A: Shall we meet later?\nB: Yes, in <MASK>.\nWhich fits the mask?"
     )
-    assert evaluate.question_stem("Sky colour?\nA: blue\nB: red") == "Sky colour?"
+    assert ll.question_stem("Sky colour?\nA: blue\nB: red") == "Sky colour?"
 
 
 def test_parse_answer_as_the_original():
-    assert evaluate.parse_answer("[C] because", False) == "C"
-    assert evaluate.parse_answer("B: some text", False) == "B"
-    assert evaluate.parse_answer("[2]", False) == "B"
-    assert evaluate.parse_answer("I think it is", False) is None
-    assert evaluate.parse_answer("The answer is true", True) == "True"
-    assert evaluate.parse_answer("[False]", True) == "False"
-    assert evaluate.parse_answer("maybe", True) is None
+    assert gen.parse_answer("[C] because", False) == "C"
+    assert gen.parse_answer("B: some text", False) == "B"
+    assert gen.parse_answer("[2]", False) == "B"
+    assert gen.parse_answer("I think it is", False) is None
+    assert gen.parse_answer("The answer is true", True) == "True"
+    assert gen.parse_answer("[False]", True) == "False"
+    assert gen.parse_answer("maybe", True) is None
 
 
 def _zero_b(tree: dict) -> dict:

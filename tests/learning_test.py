@@ -87,7 +87,7 @@ def test_generator_learns_a_prompt_rule_that_transfers_to_held_out_tasks(tmp_pat
     # (zero-initialised output conv). With absolute targets this small generator cannot even represent
     # the mean token tensor within the step budget (its output is a few shared channel maps mixed per
     # token) and ends worse than the control; see the many-task report for the same on real LoRAs.
-    from dnd_jax.experiment import mean_tokens
+    from dnd_jax.experiments.baselines import mean_tokens
 
     for n in train:
         from dnd_jax.data.prepare import prepare_dataset

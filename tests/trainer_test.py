@@ -16,6 +16,7 @@ import pytest
 from dnd_jax import trainer
 from dnd_jax.checkpointing import Checkpointer
 from dnd_jax.errors import DndError
+from dnd_jax.models import conv_paths
 from tests.train_fixtures import cli_overrides, make_experiment, params_close, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,20 +54,19 @@ def test_sharded_step_matches_single_device_and_compiles_once(exp, tmp_path):
 @pytest.mark.needs_models
 def test_fft_convs_sharded_match_single_device(exp, tmp_path):
     """k = 9, conv_impl='fft': one device takes the FFT path (layer 0's ConvW1, layer 1's ConvW2); the
-    4 x 2 mesh runs the same convs per batch shard in shard_map (hyperconv.conv); both train alike.
+    4 x 2 mesh runs the same convs per batch shard in shard_map (conv_paths.conv); both train alike.
     Reverting to XLA-partitioned FFT convs fails this (scripts/fft_sharding_repro.py)."""
-    from dnd_jax.models import hyperconv
 
-    assert hyperconv.fft_plan((8, 4, 16, 384), (9, 9, 384, 34), hyperconv._CONV_W) is not None
+    assert conv_paths.fft_plan((8, 4, 16, 384), (9, 9, 384, 34), conv_paths._CONV_W) is not None
     over = {"train.steps": 2, "train.eps": 1.0, "model.kernel_size": 9, "model.conv_impl": "fft"}
-    hyperconv.PATHS.clear()
+    conv_paths.PATHS.clear()
     sharded = trainer.train_and_evaluate(tiny_config(exp, **{"mesh.shape": (4, 2), **over}), tmp_path / "mesh")
-    assert hyperconv.PATHS["fft_sharded"] > 0 and hyperconv.PATHS["fft"] == 0
-    hyperconv.PATHS.clear()
+    assert conv_paths.PATHS["fft_sharded"] > 0 and conv_paths.PATHS["fft"] == 0
+    conv_paths.PATHS.clear()
     single = trainer.train_and_evaluate(
         tiny_config(exp, **{"mesh.shape": (1, 1), **over}), tmp_path / "one", devices=jax.devices()[:1]
     )
-    assert hyperconv.PATHS["fft"] > 0 and hyperconv.PATHS["fft_sharded"] == 0
+    assert conv_paths.PATHS["fft"] > 0 and conv_paths.PATHS["fft_sharded"] == 0
     np.testing.assert_allclose(sharded["heldout_wmse_start"], single["heldout_wmse_start"], rtol=1e-5)
     np.testing.assert_allclose(sharded["last_metrics"]["loss"], single["last_metrics"]["loss"], rtol=1e-5)
     np.testing.assert_allclose(sharded["last_metrics"]["grad_norm"], single["last_metrics"]["grad_norm"], rtol=1e-4)
@@ -77,12 +77,11 @@ def test_fft_convs_sharded_match_single_device(exp, tmp_path):
 def test_gemm_convs_sharded_match_single_device(exp, tmp_path):
     """bf16 layers with conv_impl='gemm' (one bf16 GEMM per conv, custom VJP) train alike on a 4 x 2 mesh
     (XLA partitions them) and on one device."""
-    from dnd_jax.models import hyperconv
 
     over = {"train.steps": 2, "train.eps": 1.0, "model.conv_impl": "gemm", "model.compute_dtype": "bfloat16"}
-    hyperconv.PATHS.clear()
+    conv_paths.PATHS.clear()
     sharded = trainer.train_and_evaluate(tiny_config(exp, **{"mesh.shape": (4, 2), **over}), tmp_path / "mesh")
-    assert hyperconv.PATHS["gemm"] > 0
+    assert conv_paths.PATHS["gemm"] > 0
     single = trainer.train_and_evaluate(
         tiny_config(exp, **{"mesh.shape": (1, 1), **over}), tmp_path / "one", devices=jax.devices()[:1]
     )

@@ -15,63 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
-from dnd_jax.experiments.stats import gap_closed, paired
-
-TIE = 0.01  # |difference| <= 0.01 nats per token counts as a tie in wins / ties / losses
-ROWS = ("base", "control", "retrieval", "training", "own")
-LABELS = {"base": "base model", "control": "prompt-blind control (mean training tokens)",
-          "retrieval": "retrieval (LoRA of the nearest training task)", "training": "training LoRAs (sample mean)",
-          "own": "the task's own LoRA (upper reference)"}  # fmt: skip
-# Metrics of the nll protocol: the primary one, and the answer-only NLL of multiple-choice items.
-NLL = ("nll", "nll")
-ANSWER = ("nll", "nll_answer")
-
-
-def _metric(entry: dict, proto: str, name: str) -> float:
-    v = entry.get(proto, {}).get(name)
-    return float("nan") if v is None else float(v)
-
-
-def collect_scores(cv: Path, names: list[str]) -> tuple[dict, dict]:
-    """({task: shared scores}, {variant: {task: variant scores}}) for variants with every task scored."""
-    shared = {t: json.loads((cv / "scores" / f"{t}.json").read_text()) for t in names}
-    variants = {}
-    for vd in sorted(p for p in cv.iterdir() if (p / "scores").is_dir()):
-        got = {t: json.loads((vd / "scores" / f"{t}.json").read_text())
-               for t in names if (vd / "scores" / f"{t}.json").is_file()}  # fmt: skip
-        if len(got) == len(names):
-            variants[vd.name] = got
-    return shared, variants
-
-
-def seed_values(score: dict, proto: str, name: str) -> list[float]:
-    """A variant's per-seed value of one metric on one task (each the mean over that seed's adapters)."""
-    gen = score["generated"]
-    if isinstance(gen, list):  # one unnamed seed (score files of older runs)
-        gen = {"-": gen}
-    return [float(np.mean([_metric(x, proto, name) for x in adapters])) for adapters in gen.values()]
-
-
-def table(shared: dict, variants: dict, names: list[str], proto: str, name: str, skip=()) -> dict[str, np.ndarray]:
-    """{row: values}: baseline rows [tasks] (training: the mean over its sampled LoRAs); generated rows
-    [tasks, seeds]."""
-    rows = {r: [] for r in ROWS if r not in skip}
-    for t in names:
-        s = shared[t]
-        for r in rows:
-            if r == "training":
-                rows[r].append(np.mean([_metric(x, proto, name) for x in s["training"]]))
-            else:
-                rows[r].append(_metric(s[r], proto, name))
-    out = {r: np.asarray(v) for r, v in rows.items()}
-    for v, per in variants.items():
-        out[f"generated:{v}"] = np.asarray([seed_values(per[t], proto, name) for t in names])
-    return out
-
-
-def task_mean(x: np.ndarray) -> np.ndarray:
-    """Per-task values: a [tasks, seeds] row averaged over its seeds."""
-    return x.mean(1) if x.ndim == 2 else x
+from dnd_jax.experiments.stats import paired
+from dnd_jax.experiments.tables import (
+    ANSWER,
+    NLL,
+    ROWS,
+    TIE,
+    _fmt_ci,
+    _label,
+    _rel,
+    collect_scores,
+    comparison_table,
+    table,
+    task_mean,
+)
 
 
 def collection_seconds(collection_dir: Path, names: list[str]) -> tuple[list[float], str]:
@@ -134,50 +91,6 @@ def _variant_desc(cv: Path, v: str, per: dict) -> str:
     target = "residual from the fold mean" if d.get("target_offset") else "absolute tokens"
     loss = "B^T tokens only" if d.get("loss_tokens") == "b" else "all tokens"
     return f"{v} ({tc['train']['steps']} steps, {target}, loss on {loss}; seeds {', '.join(seeds)}; {scored})"
-
-
-def _label(row: str) -> str:
-    return LABELS.get(row) or f"generated ({row.split(':', 1)[1]})"
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def _fmt_ci(d: dict, digits: int = 3) -> str:
-    out = f"{d['mean']:+.{digits}f} [{d['ci'][0]:+.{digits}f}, {d['ci'][1]:+.{digits}f}]"
-    return out + (f" ({d['undefined']:.0%} of resamples undefined)" if d.get("undefined") else "")
-
-
-def _fmt_gap(g: dict) -> str:
-    out = f"{g['fraction']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}]"
-    return out + (f" ({g['undefined']:.1%} undefined)" if g["undefined"] else "")
-
-
-def _seed_cell(d: dict) -> str:
-    return " / ".join(f"{x:+.3f}" for x in d["per_seed"]) if d["seeds"] > 1 else "(1 seed)"
-
-
-def comparison_table(vals: dict, vnames: list[str], groups: np.ndarray, nb: int, seed: int, what: str) -> list[str]:
-    """The primary-comparison table of one metric: every variant vs each baseline, its seed spread, gap closed."""
-    L = [f"| variant | generated vs control | vs retrieval | vs training LoRAs | vs base | per seed vs control | "
-         f"gap closed ({what}) |\n|---|---|---|---|---|---|---|"]  # fmt: skip
-    stats = {}
-    for v in vnames:
-        g = vals[f"generated:{v}"]
-        ok = ~np.isnan(task_mean(g))
-        st = {r: paired(g[ok], vals[r][ok], nb, seed, TIE, groups[ok]) for r in ("control", "retrieval", "training",
-                                                                                  "base")}  # fmt: skip
-        st["gap"] = gap_closed(vals["control"][ok], g[ok], vals["own"][ok], nb, seed, groups[ok])
-        stats[v] = st
-        cells = [f"{_fmt_ci(st[r])} ({st[r]['wins']}/{st[r]['ties']}/{st[r]['losses']})"
-                 for r in ("control", "retrieval", "training", "base")]  # fmt: skip
-        n = f" (n = {int(ok.sum())})" if not ok.all() else ""
-        L.append(f"| {v}{n} | " + " | ".join(cells) + f" | {_seed_cell(st['control'])} | {_fmt_gap(st['gap'])} |")
-    return L, stats
 
 
 def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, times: dict) -> Path:

@@ -2,7 +2,7 @@
 
 Every number is read from the run's files (WORKDIR/cv-*/scores, <variant>/scores, stages.json,
 <variant>/generation.json, the few-shot collections' manifests). The primary metric and the paired
-statistics are the many-task report's (dnd_jax/experiment_report.py): per-task differences X - arm of the
+statistics are the many-task report's (dnd_jax/experiments/report.py): per-task differences X - arm of the
 mean NLL per gold-response token (positive = the arm is better), their mean over tasks with a 95 %
 percentile bootstrap CI over tasks, and wins / ties / losses.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from dnd_jax.errors import DndError
-from dnd_jax.experiment_report import LABELS, ROWS, TIE, _fmt_ci, _rel, seed_values, task_mean
 from dnd_jax.experiments.folds import cv_dir
 from dnd_jax.experiments.stats import paired
+from dnd_jax.experiments.tables import LABELS, ROWS, TIE, _fmt_ci, _rel, seed_values, task_mean
 
 TITLES = {
     "reference": "Reference arm (no group of ablations.groups lists it)",
@@ -53,7 +53,7 @@ def _times(workdir: Path, cv: Path, c, held: list[str]) -> tuple[float | None, f
     (their collections' summed training time, the median per adapter)."""
     e = c.experiment
     if e.get("shots", 0):
-        from dnd_jax.experiment import fewshot_dir
+        from dnd_jax.experiments.many_task import fewshot_dir
 
         secs = [json.loads((fewshot_dir(c, workdir) / t / "manifest.json").read_text()).get("seconds") for t in held]
         secs = [float(s) for s in secs if s]
@@ -79,8 +79,8 @@ def write_ablation_report(suite, configs: list[tuple[str, str, object]], workdir
       out_dir: where the report goes.
     """
     from dnd_jax.config_cli import versions
+    from dnd_jax.experiments.stages import resolve as _resolve
     from dnd_jax.fileio import atomic_file
-    from dnd_jax.pipeline import _resolve
 
     ref = _resolve(next(c for _, _, c in configs if c.experiment.variant == "reference"), workdir)
     cv = cv_dir(ref, workdir)

@@ -1,0 +1,66 @@
+"""A fold's generated adapters: each held-out task's conditions -> `AdapterGenerator` (the CLI's path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def condition_records(c, task: str, form: str) -> list[dict]:
+    """The held-out task's records a condition is made of: its unlabeled test prompts (generate.split) for the
+    prompts form; its train split for forms that read answers, so that no scored item's gold answer is ever
+    part of a condition (the scored items are test items, and the leak check keeps them out of train)."""
+    from dnd_jax.data.prompts import load_split, needs_answers
+
+    split = "train" if needs_answers(form) else c.generate.split
+    return load_split(c.data.prompts_dir, f"{task}_{split}", needs_answers(form))
+
+
+def generation_info(c, gen, task: str) -> dict:
+    """What a task's generated adapters depend on (a stored generation.json that differs is regenerated)."""
+    from dnd_jax.data.prompts import needs_answers
+
+    form = gen.form if gen is not None else c.data.get("condition", "prompts")
+    return {"num_adapters": c.experiment.num_adapters, "condition": form, "step": c.train.steps,
+            "split": "train" if needs_answers(form) else c.generate.split}  # fmt: skip
+
+
+def generated_ok(dest: Path, want: dict) -> bool:
+    path = dest / "generation.json"
+    if not path.is_file():
+        return False
+    got = json.loads(path.read_text())
+    return all(got.get(k) == v for k, v in want.items())
+
+
+def generate_fold(train_dir: Path, heldout: list[str], c, out_root: Path, a_from: Path | None = None) -> dict:
+    """Adapters for every held-out task of a fold from one generator: one load and one compile.
+
+    The same `dnd_jax.generate.AdapterGenerator` as the CLI: the same texts and seed give the same adapters.
+    With `a_from` (the fold's mean tokens) the A tokens are the mean's whatever the generator outputs for them.
+
+    Returns:
+      {"load_s", "compile_s", "seconds_per_adapter" (warm: compile and load excluded), "adapters": count made,
+       "negative_scales", "chunks"}, or None when every task was already made.
+    """
+    from dnd_jax.generate import AdapterGenerator
+
+    todo = [t for t in heldout if not generated_ok(out_root / t, generation_info(c, None, t))]
+    if not todo:
+        return None
+    gen = AdapterGenerator(train_dir, a_from=a_from)
+    k, times, neg, chunks = c.experiment.num_adapters, [], 0, 0
+    for task in todo:
+        info = generation_info(c, gen, task)
+        texts = gen.texts(condition_records(c, task, gen.form))
+        lora, per_call = gen(texts, k)
+        scales = gen.negative_scales(texts, k)
+        neg, chunks = neg + scales["negative"], chunks + scales["chunks"]
+        times.append(per_call / k)
+        gen.save(lora, out_root / task, {**info, "step": gen.step, "seed": gen.config.seed,
+                                         "seconds_per_adapter": per_call / k, "negative_scales": scales},
+                 overwrite=True)  # fmt: skip
+    return {"load_s": gen.load_s, "compile_s": gen.compile_s, "seconds_per_adapter": float(np.median(times)),
+            "adapters": k * len(todo), "negative_scales": neg, "chunks": chunks}  # fmt: skip

@@ -1,0 +1,1 @@
+"""Training objectives of the generator: `recon` (fit checkpoint tokens, the paper's)."""
