@@ -242,3 +242,21 @@ def test_a_second_collect_on_the_same_dataset_is_refused(tmp_path):
                                                  f"process, pid {os.getpid()} (wait for it to finish, or use another "
                                                  "output directory)")  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "out" / "toy").iterdir()) == [".lock"]  # nothing else written
+
+
+def test_bigbench_sdist_is_found_through_pips_own_index_settings(tmp_path, monkeypatch):
+    """A mirror set up for pip (here PIP_INDEX_URL, a local PEP 503 index) is where the sdist is looked up."""
+    from dnd_jax.data import bigbench
+
+    page = tmp_path / "simple" / "bigbench"
+    page.mkdir(parents=True)
+    (page / "index.html").write_text(f'<html><body><a href="../../files/{bigbench.SDIST}#sha256=00">'
+                                     f"{bigbench.SDIST}</a></body></html>")  # fmt: skip
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "simple").as_uri())
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    settings = bigbench.pip_settings()
+    assert bigbench.index_urls(settings)[0] == (tmp_path / "simple").as_uri()
+    assert bigbench.sdist_url(settings) == (tmp_path / "files" / bigbench.SDIST).as_uri()
+    (page / "index.html").write_text("<html></html>")
+    with pytest.raises(DndError, match=r"cannot find bigbench-1\.0\.0\.tar\.gz on pip.s configured indexes"):
+        bigbench.sdist_url(settings)

@@ -1,6 +1,7 @@
 """BIG-bench multiple-choice tasks from the `bigbench==1.0.0` sdist on PyPI, in the project's dataset format.
 
-The sdist (358 MB, Apache-2.0) is fetched once from the package registry into the cache
+The sdist (358 MB, Apache-2.0) is fetched once from the package registry, through pip's own configured
+indexes, certificate and proxy (`pip config list`: a mirror or proxy set up for pip serves it too), into the cache
 ($DND_JAX_CACHE, default ~/.cache/dnd_jax), checked against its published sha256, and only the
 needed `benchmark_tasks/<task>/task.json` members are read. It is never pip-installed (it pulls
 TensorFlow). Each task becomes `<name>_train.json` / `<name>_test.json` (a seeded split: BIG-bench
@@ -25,20 +26,70 @@ from dnd_jax.fileio import atomic_dir
 
 SDIST = "bigbench-1.0.0.tar.gz"
 SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-INDEX = "https://pypi.org/simple/bigbench/"
 LETTERS = "ABCDEFGH"
 SYSTEM = ("You are going to answer the question of the user by picking one answer among the given choices. "
           "Answer by a single [ans] (ans is the letter of the choice).")  # fmt: skip
 
 
-def _url() -> str:
-    req = urllib.request.Request(INDEX, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        files = json.loads(r.read())["files"]
-    for f in files:
-        if f["filename"] == SDIST:
-            return f["url"]
-    raise DndError(f"{INDEX}: {SDIST} not listed")
+def pip_settings() -> dict[str, str]:
+    """pip's own configuration (`pip config list`: config files and PIP_* variables, the environment winning),
+    the fields that say where and how pip reaches its index: index-url, extra-index-url, cert, proxy, timeout."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    found: dict[str, tuple[int, str]] = {}
+    rank = {"global": 0, "download": 1, "install": 1, ":env:": 2}
+    for line in r.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        section, _, field = key.rpartition(".")
+        if sep and section in rank and rank[section] >= found.get(field, (-1, ""))[0]:
+            found[field] = (rank[section], value.strip().strip("'\""))
+    return {k: v for k, (_, v) in found.items()}
+
+
+def index_urls(settings: dict[str, str]) -> list[str]:
+    """The indexes pip would search, in its order: index-url (default PyPI), then each extra-index-url."""
+    main = settings.get("index-url", "https://pypi.org/simple")
+    return [main, *settings.get("extra-index-url", "").split()]
+
+
+def _opener(settings: dict[str, str]):
+    import ssl
+
+    handlers = []
+    if settings.get("cert"):
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=settings["cert"])))
+    if settings.get("proxy"):
+        handlers.append(urllib.request.ProxyHandler({"http": settings["proxy"], "https": settings["proxy"]}))
+    return urllib.request.build_opener(*handlers)
+
+
+def sdist_url(settings: dict[str, str]) -> str:
+    """The sdist's URL on the first of pip's configured indexes that lists it (PEP 691 JSON or PEP 503 HTML)."""
+    import re
+    from urllib.parse import urldefrag, urljoin
+
+    opener, tried = _opener(settings), []
+    timeout = float(settings.get("timeout") or settings.get("default-timeout") or 60)
+    for index in index_urls(settings):
+        page = index.rstrip("/") + "/bigbench/"
+        if page.startswith("file:"):  # a local index: a directory per project with its index.html, as pip reads it
+            page += "index.html"
+        req = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+        try:
+            with opener.open(req, timeout=timeout) as r:
+                body, kind = r.read().decode("utf-8", "replace"), r.headers.get("Content-Type", "")
+        except (OSError, ValueError) as e:
+            tried.append(f"{page} ({e})")
+            continue
+        if "json" in kind:
+            urls = {f["filename"]: f["url"] for f in json.loads(body).get("files", [])}
+        else:
+            urls = {m[2].strip(): m[1] for m in re.finditer(r'<a[^>]*href="([^"]+)"[^>]*>([^<]+)</a>', body)}
+        if SDIST in urls:
+            return urldefrag(urljoin(page, urls[SDIST]))[0]  # the #sha256= fragment: checked here anyway
+        tried.append(f"{page} (no {SDIST})")
+    raise DndError(f"cannot find {SDIST} on pip's configured indexes: " + "; ".join(tried))
 
 
 def fetch_sdist() -> Path:
@@ -50,8 +101,9 @@ def fetch_sdist() -> Path:
     part = path.with_suffix(".part")
     from tqdm import tqdm
 
+    settings = pip_settings()
     try:
-        with urllib.request.urlopen(_url(), timeout=120) as r, part.open("wb") as f:
+        with _opener(settings).open(sdist_url(settings), timeout=120) as r, part.open("wb") as f:
             h = hashlib.sha256()
             bar = tqdm(total=int(r.headers.get("Content-Length", 0)), unit="B", unit_scale=True, desc=SDIST,
                        file=sys.stderr)  # fmt: skip
