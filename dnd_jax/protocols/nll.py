@@ -140,7 +140,8 @@ def response_nll(model, tok, records: list[dict], batch_size: int, device: str, 
     Returns:
       {"nll": total NLL / total response tokens, "tokens": total response tokens, "nll_answer": mean
       over the items with located answer tokens of their summed NLL (None if there is none),
-      "answer_items": how many items that is}.
+      "answer_items": how many items that is, "per_item": each item's mean NLL per response token, in
+      record order (for statistics paired over items)}.
     """
     from dnd_jax.lm import encode_sft_example
 
@@ -152,14 +153,22 @@ def response_nll(model, tok, records: list[dict], batch_size: int, device: str, 
     body, head = _body_and_head(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
-    total, count, answer_nll = 0.0, 0, []
+    total, count, answer_nll, per_item = 0.0, 0, [], [0.0] * len(enc)
     for lo in range(0, len(order), batch_size):
         items = order[lo : lo + batch_size]
         nll, per_token, places = _batch_nll(body, head, [enc[i] for i in items], pad, device)
         total += nll
         count += len(per_token)
-        for i, (first, start) in zip(items, places, strict=True):
+        ends = [start for _, start in places[1:]] + [len(per_token)]
+        for i, (first, start), end in zip(items, places, ends, strict=True):
+            per_item[i] = float(per_token[start:end].mean())
             if answers[i] is not None:
                 answer_nll.append(float(per_token[[start + t - first for t in answers[i]]].sum()))
     mean_answer = sum(answer_nll) / len(answer_nll) if answer_nll else None
-    return {"nll": total / count, "tokens": count, "nll_answer": mean_answer, "answer_items": len(answer_nll)}
+    return {
+        "nll": total / count,
+        "tokens": count,
+        "nll_answer": mean_answer,
+        "answer_items": len(answer_nll),
+        "per_item": per_item,
+    }
