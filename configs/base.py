@@ -141,6 +141,9 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     c.generate.num_adapters = 10
     # Prompt split of the held-out dataset used as conditions at generation (unlabeled test prompts).
     c.generate.split = "test"
+    # Floor on decoded per-chunk sigmas of generated tokens (the decoding can give sigma < 0, flipping a
+    # chunk's sign); None = the paper's decoding, unfloored.
+    c.generate.sigma_floor = ml_collections.config_dict.placeholder(float)
 
     if arg == "smoke":
         smoke(c, target)

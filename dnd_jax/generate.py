@@ -90,7 +90,8 @@ def make_generate_fn(config, graphdef, enc_graphdef, layout, detokenize: bool = 
                 tokens = tokens * keep_b + offset_trk * (1.0 - keep_b if not residual else 1.0)
             else:
                 tokens = tokens + offset_trk
-        return lora_tokens.detokenize(tokens, layout, xp=jnp) if detokenize else tokens
+        floor = config.generate.get("sigma_floor", None) if "generate" in config else None
+        return lora_tokens.detokenize(tokens, layout, xp=jnp, sigma_floor=floor) if detokenize else tokens
 
     return jax.jit(fn)
 
@@ -108,9 +109,11 @@ class AdapterGenerator:
       a_from: mean token tensor [T, R, K] (a .npy path) whose A tokens replace the generator's (the generator
         then predicts B^T tokens only: experiment.predict "b_only"); default: the run's own training offset
         (data.target_offset) if it was trained on residual targets, else none.
+      sigma_floor: floor on decoded sigmas (generate.sigma_floor); default the run's own setting.
     """
 
-    def __init__(self, workdir, step: int | None = None, a_from: str | Path | None = None):
+    def __init__(self, workdir, step: int | None = None, a_from: str | Path | None = None,
+                 sigma_floor: float | None = None):  # fmt: skip
         from dnd_jax.data.prepare import open_token_set
         from dnd_jax.extractors import load_extractor
         from dnd_jax.trainer import check_width, load_target_offset
@@ -119,6 +122,8 @@ class AdapterGenerator:
         self.workdir = Path(workdir)
         self.config, graphdef, self.params, self.step = load_run(workdir, step)
         config = self.config
+        if sigma_floor is not None:
+            config.generate.sigma_floor = sigma_floor
         self.layout = open_token_set(Path(config.data.token_dir) / config.data.train_datasets[0]).layout
         self.encoder, self.tok = load_extractor(config.encoder)
         check_width(config, self.encoder)

@@ -194,13 +194,15 @@ def tokenize(params: Any, layout: TokenLayout, xp=np):
     return xp.concatenate(parts, axis=-3)
 
 
-def detokenize(tokens, layout: TokenLayout, xp=np) -> dict:
+def detokenize(tokens, layout: TokenLayout, xp=np, sigma_floor: float | None = None) -> dict:
     """Tokens -> LoRA pytree (float32), the inverse of `tokenize`.
 
     Args:
       tokens: [..., T, r + 2, C + 2].
       layout: from `make_layout`.
       xp: numpy or jax.numpy.
+      sigma_floor: if set, decoded per-chunk sigmas below it are raised to it (generated tokens can decode
+        to sigma < 0, flipping a chunk's sign); None = the original's decoding, unfloored.
 
     Returns:
       {tree path: {"lora_a": [..., in, r], "lora_b": [..., r, out]}}.
@@ -209,6 +211,8 @@ def detokenize(tokens, layout: TokenLayout, xp=np) -> dict:
         raise DndError(f"token tensor has shape {list(tokens.shape[-3:])}, the layout needs {list(layout.shape)}")
     tokens = tokens.astype(xp.float32)
     mu, sigma = decode_scales(tokens, xp)
+    if sigma_floor is not None:
+        sigma = xp.maximum(sigma, sigma_floor)
     r, c = layout.rank, layout.chunk
     w = tokens[..., :r, :c] * sigma[..., None, None] + mu[..., None, None]  # [..., T, r, C]
     out: dict = {}

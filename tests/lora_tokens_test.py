@@ -148,3 +148,31 @@ def test_scales_decode_per_row_then_average_on_tokens_whose_border_rows_differ()
     mu_j, sigma_j = lora_tokens.decode_scales(jnp.asarray(tok), xp=jnp)
     np.testing.assert_allclose(np.asarray(sigma_j), sigma, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(mu_j), mu, rtol=1e-5, atol=1e-8)
+
+
+def test_sigma_floor_clamps_negative_decoded_scales_only():
+    """A generated token whose sigma codes decode below zero flips its chunk's sign; generate.sigma_floor = 0
+    must give what the same tokens give with their sigma codes rewritten to decode to exactly 0 (ln 0.1 +
+    1.6), and leave tokens with positive sigma alone."""
+    from converters.pytree import flatten
+    from converters.synthetic import qwen2_config, spec_from_config
+
+    layout = lora_tokens.make_layout(spec_from_config(qwen2_config("0.5B"), r=8, alpha=16), 128)
+    t, rows, cols = layout.shape
+    tokens = np.random.default_rng(0).normal(size=layout.shape).astype(np.float32)
+    code = np.where(np.arange(t) % 2 == 0, -3.0, 0.5).astype(np.float32)[:, None]  # sigma -0.1 / +0.26
+    tokens[:, rows - 2 :, 1 : cols - cols % 2 : 2] = code[:, :, None]  # bottom rows: (mu', sigma') column pairs
+    tokens[:, : rows - rows % 2, cols - 1] = code  # right columns: (mu', sigma') per row
+    _, sigma = lora_tokens.decode_scales(tokens)
+    neg = sigma < 0
+    assert neg.sum() == (t + 1) // 2 and (sigma[~neg] > 0.25).all()
+    zero = tokens.copy()
+    zero[neg, rows - 2 :, 1 : cols - cols % 2 : 2] = np.log(0.1) + 1.6
+    zero[neg, : rows - rows % 2, cols - 1] = np.log(0.1) + 1.6
+    assert np.abs(lora_tokens.decode_scales(zero)[1][neg]).max() < 1e-6
+    floored = flatten(lora_tokens.detokenize(tokens, layout, sigma_floor=0.0))
+    want = flatten(lora_tokens.detokenize(zero, layout))
+    plain = flatten(lora_tokens.detokenize(tokens, layout))
+    for k in want:
+        np.testing.assert_allclose(floored[k], want[k], atol=1e-5)
+    assert any(not np.allclose(plain[k], want[k], atol=1e-3) for k in want)  # the floor changed something

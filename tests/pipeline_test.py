@@ -55,7 +55,8 @@ def test_demo_smoke_pipeline_end_to_end_and_resume(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (work / "report.md").read_text()
-    assert "## Headline: gold-response NLL per token" in report and "generated vs this row" in report and "| base |" in report and report in r.stdout
+    assert "## Headline: gold-response NLL per token" in report and "generated vs this row" in report
+    assert "| base |" in report and report in r.stdout
     res = json.loads((work / "eval" / "results.json").read_text())
     kinds = [row["kind"] for row in res["rows"]]
     assert kinds == ["base", "heldout", "control", "retrieval", "training", "training", "generated", "generated"]

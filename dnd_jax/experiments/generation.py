@@ -24,6 +24,7 @@ def generation_info(c, gen, task: str) -> dict:
 
     form = gen.form if gen is not None else c.data.get("condition", "prompts")
     return {"num_adapters": c.experiment.num_adapters, "condition": form, "step": c.train.steps,
+            "sigma_floor": c.generate.get("sigma_floor", None),
             "split": "train" if needs_answers(form) else c.generate.split}  # fmt: skip
 
 
@@ -50,7 +51,7 @@ def generate_fold(train_dir: Path, heldout: list[str], c, out_root: Path, a_from
     todo = [t for t in heldout if not generated_ok(out_root / t, generation_info(c, None, t))]
     if not todo:
         return None
-    gen = AdapterGenerator(train_dir, a_from=a_from)
+    gen = AdapterGenerator(train_dir, a_from=a_from, sigma_floor=c.generate.get("sigma_floor", None))
     k, times, neg, chunks = c.experiment.num_adapters, [], 0, 0
     for task in todo:
         info = generation_info(c, gen, task)
