@@ -242,3 +242,32 @@ def test_retrieval_picks_a_planted_near_duplicate(tmp_path):
         best, sim = baselines.retrieve(emb, "held", list(topics))
         others = [float(emb["held"]["test"] @ emb[t]["train"]) for t in topics if t != near]
         assert best == near and sim > max(others) + 0.05, (near, sim, others)
+
+
+def test_answer_reading_conditions_never_read_scored_items(tmp_path):
+    """Conditions that read answers come from the held-out task's train split, which (after the leak check)
+    holds none of its scored items; unlabeled-prompt conditions read its test prompts, never answers."""
+    import ml_collections
+
+    from dnd_jax.experiments.generation import condition_records
+    from tests.pipeline_test import write_suite
+
+    data = write_suite(tmp_path / "suite")
+    planted = plant_leak(data, "held", "held")  # a test item also in the task's own train split
+    c = ml_collections.ConfigDict({"data": {"prompts_dir": str(data)}, "generate": {"split": "test"},
+                                   "eval": {"split": "test"}, "experiment": {"limit": 4}})  # fmt: skip
+    train = leaks.split_prompts(data, ["held"], "train")
+    test = leaks.split_prompts(data, ["held"], "test")
+    found = leaks.check(train, test)
+    assert 0 in found["exclude"]["held"]
+    plan = {"exclude": found["exclude"]["held"]}
+    scored = {leaks.normalize(r["prompt"]) for r in folds_mod.scored_records(c, "held", plan)}
+    assert leaks.normalize(planted["prompt"]) not in scored and len(scored) == 4
+    for form in ("answers", "prompts_answers", "mix"):
+        recs = condition_records(c, "held", form)
+        assert recs == json.loads((data / "held_train.json").read_text())
+        assert not scored & {leaks.normalize(r["prompt"]) for r in recs}
+    prompts_only = condition_records(c, "held", "prompts")
+    assert [r["prompt"] for r in prompts_only] == [
+        r["prompt"] for r in json.loads((data / "held_test.json").read_text())
+    ]
