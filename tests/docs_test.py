@@ -78,8 +78,8 @@ def module_calls(command: str) -> list[tuple[str, str]]:
     next `python -m`, a launcher's ` -- ` or the end of a quoted string (a `--command="..."` of gcloud)."""
     matches = list(MODULE_RE.finditer(command))
     calls = []
-    for m, nxt in zip(matches, [*matches[1:], None], strict=True):
-        args = command[m.end() : nxt.start() if nxt else len(command)]
+    for i, m in enumerate(matches):
+        args = command[m.end() : matches[i + 1].start() if i + 1 < len(matches) else len(command)]
         args = re.split(r" -- |\"", args)[0]
         calls.append((m.group(1), args))
     return calls
