@@ -3,7 +3,7 @@
   PYTHONPATH=. python benchmarks/encoder_cache.py --workdir runs/many_task_smollm2 [--steps 100] [--fold 0]
 
 Trains one generator three ways on the many-task experiment's collection (after its `tokens` and
-`folds` stages; README "many-task experiment"): (1) as the original, the frozen encoder run inside
+`folds` stages; docs/experiments.md, "many-task experiment"): (1) as the original, the frozen encoder run inside
 every step with dropout on; (2) the same without encoder dropout; (3) encoder.cache, each prompt
 encoded once without dropout and reused. Two runs: the many-task fold `--fold` (its config as
 configs/many_task_smollm2.py trains it) and the common-sense generator (configs/arc_c.py:smoke:

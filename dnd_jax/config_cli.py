@@ -37,11 +37,14 @@ def usage(flag_values) -> str:
     """--help: the docstring of the module that defined the command's flags, then those flags."""
     import importlib
 
-    own = {m: fl for m, fl in flag_values.flags_by_module_dict().items() if m.startswith("dnd_jax")}
+    main = sys.argv[0] if sys.argv else "__main__"  # absl files flags defined in `python -m X` under its path
+    own = {m: fl for m, fl in flag_values.flags_by_module_dict().items()
+           if m.startswith("dnd_jax") or m in ("__main__", main)}  # fmt: skip
     parts = []
-    for m, fl in own.items():
+    for m, fl in sorted(own.items(), key=lambda x: x[0].startswith("dnd_jax")):  # the command's own first
         try:
-            doc = (importlib.import_module(m).__doc__ or "").strip()
+            mod = sys.modules["__main__"] if m in ("__main__", main) else importlib.import_module(m)
+            doc = (mod.__doc__ or "").strip()
         except ImportError:
             doc = ""
         parts.append(doc)

@@ -16,7 +16,7 @@ Does a generated adapter beat what a prompt-blind method gets from the same trai
   evaluate  per held-out task, the same items and protocol for base, own LoRA, control, retrieval,
             sampled training LoRAs and generated adapters     -> WORKDIR/<variant>/scores/<task>.json
   report    paired differences over tasks with bootstrap CIs, W/T/L, gap closed, figure
-                                                              -> results dir given by --report-dir
+                                                              -> results dir given by --report_dir
 The base model, own-LoRA, training-LoRA scores do not depend on the generator; they are computed
 once per task and shared by every variant (WORKDIR/scores/<task>.json).
 Config strings may contain "{workdir}", replaced by --workdir.

@@ -151,7 +151,7 @@ def write_report(c, workdir: Path, times: dict) -> Path:
         ("prompt encoder", f"{c.encoder.path} (substitute for all-MiniLM-L12-v2), dtype {c.encoder.dtype}, "
                            f"train-mode dropout {c.encoder.train_dropout}"
                            + ("" if c.encoder.get("type", "sentence_bert") == "sentence_bert" else
-                              f", extractor type {c.encoder.type} (README: Ablations: extractor types)")),
+                              f", extractor type {c.encoder.type} (docs/experiments.md: Ablations: extractor types)")),
         ("data", f"{c.data.prompts_dir}; training datasets {', '.join(c.data.train_datasets)}; held out "
                  f"{c.data.heldout_dataset} (its LoRA and prompts never used for training)"),
         ("LoRA collection", f"rank {c.collect.lora.r}, alpha {c.collect.lora.alpha}, all 7 projections; phase 1 "

@@ -5,7 +5,7 @@ Legend: L text length, D vector width, V vocabulary.
 The DnD ablation "GloVe" (spec §3.7) conditions the generator on GloVe 42B 300-d word vectors of the
 prompt's words: no context, out-of-vocabulary words as an all-ones vector, zero vectors at padded
 positions. No PyPI package ships GloVe or fastText vectors that load offline with this project's
-dependencies (see README, "Ablations: extractor types"), so dnd_jax/extractors.py fills the table with
+dependencies (see docs/experiments.md, "Ablations: extractor types"), so dnd_jax/extractors.py fills the table with
 the Sentence-BERT's own input token embeddings (all-MiniLM-L6-v2, 384-d), looked up by its tokenizer's
 word pieces without [CLS]/[SEP]: the BERT path's vocabulary without its context. The rules of the
 GloVe arm are kept: the unknown token ([UNK]) maps to all ones and padded positions to zeros. Math only.
