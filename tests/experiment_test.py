@@ -24,7 +24,7 @@ def plant_leak(data: Path, src: str, dst: str, item: int = 0) -> dict:
     re-spaced copy: the normalised prompts match); returns the planted record."""
     test = json.loads((data / f"{src}_test.json").read_text())
     train = json.loads((data / f"{dst}_train.json").read_text())
-    rec = dict(test[item], prompt="  " + test[item]["prompt"].upper().replace("\n", " \n "))
+    rec = dict(test[item], prompt="  " + test[item]["prompt"].upper().replace("\n", " \n\t "))
     (data / f"{dst}_train.json").write_text(json.dumps([*train, rec]))
     return test[item]
 
@@ -138,7 +138,8 @@ def test_paired_statistics_against_a_plain_numpy_oracle():
 
 def test_leak_check_links_tasks_drops_items_and_the_folds_keep_them_together():
     norm = leaks.normalize
-    assert norm("  Which IS it?\nA: x ") == norm("which is it a x") == "which is it a x"
+    assert norm("  Which IS it?\nA: x ") == norm("which is it? a: x") == "which is it? a: x"
+    assert norm("{ ( ) }\nA: valid") != norm("( { } )\nA: valid")  # punctuation can be the content
     train = {t: [norm(f"{t} item {i}") for i in range(6)] for t in ("a", "b", "c", "d", "e", "f")}
     test = {t: [norm(f"{t} test {i}") for i in range(5)] for t in train}
     test["a"][1] = train["a"][3]  # within a task

@@ -1,18 +1,34 @@
-"""BIG-bench multiple-choice tasks from the `bigbench==1.0.0` sdist on PyPI, in the project's dataset format.
+"""BIG-bench tasks from the `bigbench==1.0.0` sdist on PyPI, in the project's dataset format.
 
 The sdist (358 MB, Apache-2.0) is fetched once from the package registry, through pip's own configured
 indexes, certificate and proxy (`pip config list`: a mirror or proxy set up for pip serves it too), into the cache
 ($DND_JAX_CACHE, default ~/.cache/dnd_jax), checked against its published sha256, and only the
-needed `benchmark_tasks/<task>/task.json` members are read. It is never pip-installed (it pulls
-TensorFlow). Each task becomes `<name>_train.json` / `<name>_test.json` (a seeded split: BIG-bench
-gives none) of records {"prompt", "response", "system", "choices", "answer"} like the common-sense
-suite, registered in `dataset_info.json`.
+needed `benchmark_tasks/<task>/task.json` members are read (`<task>/<subtask>/task.json` for subtasks, named
+"task/subtask"). It is never pip-installed (it pulls TensorFlow). Each task becomes `<name>_train.json` /
+`<name>_test.json` (a seeded split: BIG-bench gives none), registered in `dataset_info.json`, in one of two
+formats (`task_format`):
+
+  multiple_choice  examples with `target_scores`: records {"prompt", "response", "system", "choices", "answer"}
+                   like the common-sense suite: lettered options, response "[C]", the shared SYSTEM prompt that
+                   asks for that form. Built exactly as before generative tasks existed (repeats included).
+  generative       examples with a `target` (a string or a list of strings): records {"prompt", "response",
+                   "system", "answers", "format": "generative"}. The prompt is BIG-bench's own zero-shot text
+                   (task_prefix + example_input_prefix + input + example_output_prefix, its defaults "\nQ: " /
+                   "\nA: "), stripped; the response is the first target, stripped; `answers` holds every
+                   acceptable target for exact-match scoring. The system prompt is empty: the chat template's
+                   own default turn (SmolLM2: "You are a helpful AI assistant named SmolLM, ..."), so no
+                   instruction shared by all tasks fixes the answer's form; each task's form comes from its
+                   own prefix and targets. A prompt repeated within a task is one item (`_generative_records`).
+
+A task that cannot be used (no usable example, fewer than MIN_EXAMPLES, not English) is skipped with one
+printed line and listed with its reason in the directory's `skipped.json`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import tarfile
 import urllib.request
@@ -29,6 +45,16 @@ SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 LETTERS = "ABCDEFGH"
 SYSTEM = ("You are going to answer the question of the user by picking one answer among the given choices. "
           "Answer by a single [ans] (ans is the letter of the choice).")  # fmt: skip
+# Generative records: no system turn (the chat template's default one), so no shared format instruction.
+GENERATIVE_SYSTEM = ""
+# Fewest usable examples a task needs (a 64-item test split and a training split of about its size).
+MIN_EXAMPLES = 100
+# A task whose letters are more than this share non-ASCII is taken for non-English (a guard: the task lists
+# are chosen English by hand; German written in ASCII passes it).
+NON_ENGLISH = 0.2
+# The list of the tasks `build` left out of a data directory, with the reasons.
+SKIPPED = "skipped.json"
+_NON_ALNUM = re.compile(r"[\W_]+", re.UNICODE)
 
 
 def pip_settings() -> dict[str, str]:
@@ -142,7 +168,35 @@ def read_tasks(sdist: Path, tasks: list[str]) -> dict[str, dict]:
     return out
 
 
+def task_format(task: dict) -> str:
+    """A task's format: "multiple_choice" when its examples carry `target_scores` (BIG-bench's scored options),
+    else "generative" (free text, checked against the examples' `target`)."""
+    return "multiple_choice" if any("target_scores" in ex for ex in task.get("examples") or ()) else "generative"
+
+
+def record_format(rec: dict) -> str:
+    """The format of a record: its "format" field (generative records), else "multiple_choice" when it carries
+    options (multiple-choice records of this module and the common-sense suite), else "generative"."""
+    return rec.get("format") or ("multiple_choice" if "choices" in rec else "generative")
+
+
 def to_records(task: dict, name: str, max_choices: int = 4) -> list[dict]:
+    """A task's examples as records, by `task_format`: lettered multiple choice, or the task's own text.
+
+    Args:
+      task: a parsed task.json.
+      name: the task's name (for messages).
+      max_choices: multiple choice keeps examples with one correct option among 2..max_choices.
+
+    Returns:
+      The records in example order. Raises DndError when no example is usable.
+    """
+    if task_format(task) == "multiple_choice":
+        return _multiple_choice_records(task, name, max_choices)
+    return _generative_records(task, name)
+
+
+def _multiple_choice_records(task: dict, name: str, max_choices: int) -> list[dict]:
     """Examples with one correct option among 2..max_choices, as lettered multiple-choice records."""
     recs = []
     for ex in task.get("examples", []):
@@ -159,9 +213,80 @@ def to_records(task: dict, name: str, max_choices: int = 4) -> list[dict]:
     return recs
 
 
+def generative_prompt(task: dict, text: str) -> str:
+    """BIG-bench's zero-shot prompt of one example, stripped: task_prefix + example_input_prefix + input +
+    example_output_prefix, with BIG-bench's defaults ("", "\\nQ: ", "\\nA: ") where the task sets none."""
+    return (str(task.get("task_prefix", "")) + str(task.get("example_input_prefix", "\nQ: ")) + text
+            + str(task.get("example_output_prefix", "\nA: "))).strip()  # fmt: skip
+
+
+def targets(example: dict) -> list[str]:
+    """An example's acceptable answers: its `target` (a string or a list of them), stripped, empty and non-text
+    ones left out, duplicates once, in the task's order."""
+    t = example.get("target")
+    out = [s.strip() for s in (t if isinstance(t, list) else [t]) if isinstance(s, str)]
+    return list(dict.fromkeys(s for s in out if s))
+
+
+def prompt_key(prompt: str) -> str:
+    """A prompt as the leak check compares prompts (dnd_jax/experiments/leaks.py `normalize`, which this floor
+    cannot import): case-folded, each run of non-alphanumeric characters one space, trimmed."""
+    return _NON_ALNUM.sub(" ", prompt.casefold()).strip()
+
+
+def _generative_records(task: dict, name: str) -> list[dict]:
+    """Examples with a text input and at least one text target, one record per distinct prompt: the response is
+    the first target, `answers` every acceptable target.
+
+    An exact repeat of a prompt adds its targets to the first one's answers (BIG-bench accepts either); a near
+    repeat (equal under `prompt_key`: "Context Word: Stones." / "stones.") is left out, so no test item of a
+    task is in its own train split by the leak check's comparison.
+    """
+    recs: dict[str, dict] = {}
+    for ex in task.get("examples", []):
+        answers, text = targets(ex), ex.get("input")
+        if not answers or not isinstance(text, str) or not text.strip():
+            continue
+        prompt = generative_prompt(task, text)
+        key = prompt_key(prompt)
+        if key in recs:
+            if recs[key]["prompt"] == prompt:
+                recs[key]["answers"] = list(dict.fromkeys([*recs[key]["answers"], *answers]))
+            continue
+        recs[key] = {"prompt": prompt, "response": answers[0], "system": GENERATIVE_SYSTEM, "answers": answers,
+                     "format": "generative"}  # fmt: skip
+    if not recs:
+        raise DndError(f"BIG-bench task {name}: no example with a text input and a non-empty text target")
+    return list(recs.values())
+
+
+def non_ascii_share(recs: list[dict], sample: int = 500) -> float:
+    """Share of non-ASCII letters in the prompts and responses of the first `sample` records."""
+    text = "".join(r["prompt"] + r["response"] for r in recs[:sample])
+    letters = [ch for ch in text if ch.isalpha()]
+    return sum(not ch.isascii() for ch in letters) / max(len(letters), 1)
+
+
+def usable_records(task: dict, name: str, max_choices: int = 4, min_examples: int = MIN_EXAMPLES) -> list[dict]:
+    """`to_records`, or DndError with the reason the task cannot be used: no usable example, fewer than
+    `min_examples` of them, or text that is not English (more than NON_ENGLISH of its letters non-ASCII)."""
+    if not task.get("examples"):
+        raise DndError(f"BIG-bench task {name}: no examples (a parent of subtasks?)")
+    recs = to_records(task, name, max_choices)
+    if len(recs) < min_examples:
+        raise DndError(f"BIG-bench task {name}: {len(recs)} usable examples, fewer than {min_examples}")
+    share = non_ascii_share(recs)
+    if share > NON_ENGLISH:
+        raise DndError(f"BIG-bench task {name}: not English ({share:.0%} of its letters are non-ASCII)")
+    return recs
+
+
 def build(out_dir: str | Path, tasks: list[str], test_size: int, seed: int = 0, max_train: int | None = None,
-          max_choices: int = 4) -> Path:  # fmt: skip
+          max_choices: int = 4, min_examples: int = MIN_EXAMPLES) -> Path:  # fmt: skip
     """Writes the tasks as a data directory (dataset_info.json + splits); skips when already built.
+
+    A task that cannot be used (see `usable_records`) is left out with one printed line, and recorded with
+    its reason in `skipped.json` of the directory (`skipped`); a name the sdist lacks is an error.
 
     Args:
       out_dir: the data directory to write.
@@ -169,20 +294,29 @@ def build(out_dir: str | Path, tasks: list[str], test_size: int, seed: int = 0, 
       test_size: test items per task (at most a third of the task).
       seed: seed of the train/test split.
       max_train: cap on training items per task.
-      max_choices: keep examples with 2..max_choices options (at most 8).
+      max_choices: keep multiple-choice examples with 2..max_choices options (at most 8).
+      min_examples: fewest usable examples (after dropping repeated generative prompts) a task needs.
+
+    Returns:
+      out_dir.
     """
     out_dir = Path(out_dir)
     marker = out_dir / "dataset_info.json"
     if marker.is_file():
-        have = json.loads(marker.read_text())
+        have = {**json.loads(marker.read_text()), **{f"{task_name(t)}_train": 1 for t in skipped(out_dir)}}
         if all(f"{task_name(t)}_train" in have for t in tasks):
             return out_dir
     parsed = read_tasks(fetch_sdist(), tasks)
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        info = {}
+        info, left_out = {}, {}
         cols = {"prompt": "prompt", "response": "response", "system": "system"}
         for t in tasks:
-            recs = to_records(parsed[t], t, max_choices)
+            try:
+                recs = usable_records(parsed[t], t, max_choices, min_examples)
+            except DndError as e:
+                left_out[t] = str(e).removeprefix(f"BIG-bench task {t}: ")
+                print(f"BIG-bench task {t}: skipped ({left_out[t]})", flush=True)
+                continue
             order = np.random.default_rng([seed, len(recs)]).permutation(len(recs))
             n_test = min(test_size, len(recs) // 3)
             test, train = [recs[i] for i in order[:n_test]], [recs[i] for i in order[n_test:]][:max_train]
@@ -190,7 +324,15 @@ def build(out_dir: str | Path, tasks: list[str], test_size: int, seed: int = 0, 
                 (tmp / f"{task_name(t)}_{split}.json").write_text(json.dumps(part, indent=1))
                 info[f"{task_name(t)}_{split}"] = {"file_name": f"{task_name(t)}_{split}.json", "columns": cols}
         (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2))
+        if left_out:
+            (tmp / SKIPPED).write_text(json.dumps(left_out, indent=1))
     return out_dir
+
+
+def skipped(data_dir: str | Path) -> dict[str, str]:
+    """{task: reason} of the tasks `build` left out of `data_dir` (empty when none was)."""
+    path = Path(data_dir) / SKIPPED
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def task_name(task: str) -> str:

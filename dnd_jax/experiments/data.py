@@ -30,11 +30,13 @@ def link_datasets(data_dir: Path, src_dir: Path, names: list[str]) -> None:
 
 
 def task_names(c) -> list[str]:
-    """The experiment's tasks (registry names) in config order; common-sense ones only if their dir exists."""
-    from dnd_jax.data.bigbench import task_name
+    """The experiment's tasks (registry names) in config order; common-sense ones only if their dir exists;
+    BIG-bench tasks that the data stage skipped (too few examples, unusable targets: it said why) left out."""
+    from dnd_jax.data.bigbench import skipped, task_name
 
     e = c.experiment
-    names = [task_name(t) for t in e.bigbench_tasks]
+    left_out = skipped(c.data.prompts_dir)
+    names = [task_name(t) for t in e.bigbench_tasks if task_name(t) not in left_out]
     if e.commonsense_tasks and Path(e.commonsense_dir).is_dir():
         names += list(e.commonsense_tasks)
     if len(names) < 2 * e.folds:

@@ -7,22 +7,22 @@ A held-out task's scored items must never reach its fold's training data. Two wa
     trains X's generator, is X's retrieval pick, or part of its control, the item leaks).
 `check` finds both. The fold builder keeps overlapping tasks in one fold (so neither trains the other's
 generator) and every scored split drops its overlapping and repeated items; `audit` verifies the result.
-Normalisation: case-folded, every run of non-alphanumeric characters a single space, trimmed.
+Normalisation: Unicode NFKC, case-folded, every run of whitespace a single space, trimmed. Punctuation is
+kept: in some tasks it is the content (cs_algorithms/valid_parentheses: stripping it made every prompt
+"a valid b invalid" and dropped all of its test items as copies).
 """
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from pathlib import Path
 
 from dnd_jax.errors import DndError
 
-_NON_ALNUM = re.compile(r"[\W_]+", re.UNICODE)
-
 
 def normalize(text: str) -> str:
-    """The form prompts are compared in: case-folded, punctuation and whitespace runs as one space."""
-    return _NON_ALNUM.sub(" ", text.casefold()).strip()
+    """The form prompts are compared in: NFKC, case-folded, whitespace runs as one space, trimmed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def split_prompts(prompts_dir: str | Path, names: list[str], split: str) -> dict[str, list[str]]:

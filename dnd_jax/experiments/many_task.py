@@ -148,6 +148,7 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
     stages = Stages(workdir)
     names = task_names(c)
     stages.run("data", lambda: build_data(c), done=data_ready(c, names))
+    names = task_names(c)  # without the tasks the data stage skipped (it says why)
     if until == "data":
         return None
     stages.run("collect", lambda: collect_tasks(c.collect, names, c.data.collection_dir, data_dir=c.data.prompts_dir),
