@@ -140,7 +140,11 @@ def test_ablation_suite_smoke_end_to_end(tmp_path):
     m = json.loads((work / "fewshot" / "n1" / held[0] / "manifest.json").read_text())
     assert m["complete"] and m["config"]["max_samples"] == 1 and m["seconds"] > 0
     # the answers arm's generator conditions were the responses (its saved config)
-    tc = json.loads((cv / "condition-answers" / "fold-0" / "train" / "config.json").read_text())
+    tc = json.loads((cv / "condition-answers" / "fold-0" / "seed-999" / "train" / "config.json").read_text())
     assert tc["data"]["condition"] == "answers"
+    # ... and the held-out task's conditions came from its train split, never from its scored test items
+    gen = json.loads((cv / "condition-answers" / "fold-0" / "seed-999" / "generated" / held[0]
+                      / "generation.json").read_text())  # fmt: skip
+    assert gen["condition"] == "answers" and gen["split"] == "train"
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "running" not in again.stderr.replace("[report]", ""), again.stderr[-2000:]

@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from benchmarks.torch_hyperconv import TorchHyperConvDecoder
-from dnd_jax.models import conv_paths, hyperconv
+from dnd_jax.models import conv_paths
 from dnd_jax.models.hyperconv import GeneratorConfig, HyperConvDecoder, count_params
 
 PAPER_FEATURES = ((128, 384, 384), (128, 200, 300), (128, 100, 256), (256, 50, 200), (512, 50, 200),
@@ -95,7 +95,7 @@ def test_fft_thresholds_follow_the_cpu_kind(monkeypatch):
     conv_paths.FFT_THRESHOLDS_OVERRIDE = None
     for flags, want in (({"avx2"}, "avx2"), ({"avx2", "avx512f"}, "avx512"), ({"avx512f", "amx_bf16"}, "amx"),
                         (set(), "avx2")):  # fmt: skip
-        monkeypatch.setattr(hyperconv, "cpu_flags", lambda flags=flags: frozenset(flags))
+        monkeypatch.setattr(conv_paths, "cpu_flags", lambda flags=flags: frozenset(flags))
         assert conv_paths.cpu_kind.__wrapped__() == want, flags
     monkeypatch.undo()
     own = open("/proc/cpuinfo").read().split("\nflags", 1)[1].split("\n", 1)[0].split(":", 1)[1].split()
@@ -103,7 +103,7 @@ def test_fft_thresholds_follow_the_cpu_kind(monkeypatch):
     assert conv_paths.cpu_kind() == want
     plans = {}
     for kind in ("avx2", "avx512", "amx"):
-        monkeypatch.setattr(hyperconv, "cpu_kind", lambda kind=kind: kind)
+        monkeypatch.setattr(conv_paths, "cpu_kind", lambda kind=kind: kind)
         assert conv_paths.fft_thresholds() == conv_paths.FFT_THRESHOLDS[kind]
         # a conv whose FFT costs 50 % of the direct one: FFT on AMX (ratio <= 0.7) only
         plans[kind] = conv_paths.fft_plan((4, 8, 8, 34), (9, 9, 34, 34), conv_paths._CONV_W)
@@ -173,7 +173,7 @@ def test_gemm_conv_matches_numpy_correlation_and_its_gradient(spec, shape):
 
 def test_auto_conv_impl_follows_dtype_backend_and_cpu(monkeypatch):
     for flags, want in (({"avx2"}, "direct"), ({"avx512f", "avx512_bf16"}, "gemm"), ({"amx_bf16"}, "gemm")):
-        monkeypatch.setattr(hyperconv, "cpu_flags", lambda flags=flags: frozenset(flags))
+        monkeypatch.setattr(conv_paths, "cpu_flags", lambda flags=flags: frozenset(flags))
         assert conv_paths.auto_conv_impl(jnp.bfloat16) == want and conv_paths.auto_conv_impl(jnp.float32) == "fft"
     # a bf16 generator, conv_impl auto, on a bf16-capable CPU: every bf16 conv is a GEMM, the fp32 last layer's not
     cfg = GeneratorConfig(((4, 8, 16), (6, 5, 10), (7, 4, 6)), 3, compute_dtype="bfloat16")

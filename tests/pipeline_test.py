@@ -116,7 +116,7 @@ def _kill_trials(cmd: list[str], env: dict, reference: Path, tmp_path: Path) -> 
     outcomes = kill_chain(cmd, env, work, moments, check, tmp_path)
     print("\n".join(outcomes))
     assert sum("killed" in o for o in outcomes) >= 10, outcomes
-    timing = ("seconds_per_call", "compile_s", "seconds_per_adapter")
+    timing = ("seconds_per_call", "compile_s", "seconds_per_adapter", "load_s")
     for name in ("eval/results.json", "generated/generation.json"):
         got = json.loads((work / name).read_text().replace(str(work), str(reference)))  # paths in the rows
         want = json.loads((reference / name).read_text())
