@@ -5,8 +5,11 @@ A held-out task's scored items must never reach its fold's training data. Two wa
     baselines and answer-reading conditions learn it);
   - across tasks: a test item of task X whose prompt is in task Y's train split (Y's LoRA learns it; when Y
     trains X's generator, is X's retrieval pick, or part of its control, the item leaks).
-`check` finds both. The fold builder keeps overlapping tasks in one fold (so neither trains the other's
-generator) and every scored split drops its overlapping and repeated items; `audit` verifies the result.
+`check` finds both. Within a task, the overlapping (and repeated) test items are dropped from scoring.
+Across tasks, the two tasks are kept in one fold, so neither is ever part of the other's training data
+(generator, control, retrieval, training LoRAs) and the shared items stay scored (dropping them too would
+leave social_iqa 15 of its 32 items for no gain); `audit` verifies that no scored item reaches a fold's
+training data.
 Normalisation: Unicode NFKC, case-folded, every run of whitespace a single space, trimmed. Punctuation is
 kept: in some tasks it is the content (cs_algorithms/valid_parentheses: stripping it made every prompt
 "a valid b invalid" and dropped all of its test items as copies).
@@ -43,7 +46,7 @@ def check(train: dict[str, list[str]], test: dict[str, list[str]]) -> dict:
       {"within": {task: [test indices also in its own train split]},
        "repeated": {task: [test indices repeating an earlier test item]},
        "cross": [{"test_task", "train_task", "items": [test indices]}] (sorted),
-       "exclude": {task: sorted test indices dropped from scoring: the union of the three},
+       "exclude": {task: sorted test indices dropped from scoring: within-task overlaps and repeats},
        "linked": [[tasks]]: connected groups of tasks with a cross overlap (either direction)}.
     """
     owners: dict[str, set[str]] = {}
@@ -64,7 +67,6 @@ def check(train: dict[str, list[str]], test: dict[str, list[str]]) -> dict:
                     cross.setdefault((x, y), []).append(i)
     for x in test:
         drop = set(within.get(x, ())) | set(repeated.get(x, ()))
-        drop |= {i for (a, _), idx in cross.items() if a == x for i in idx}
         if drop:
             exclude[x] = sorted(drop)
     pairs = [[x, y] for x, y in sorted(cross)]

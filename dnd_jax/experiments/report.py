@@ -283,9 +283,9 @@ def _leak_section(made: dict, shared: dict, names: list[str]) -> list[str]:
     L.append("- test items also in the task's own train split (dropped from scoring): "
              + (", ".join(f"{t} {n}" for t, n in within.items()) or "none"))  # fmt: skip
     L.append("- repeated test items (dropped): " + (", ".join(f"{t} {n}" for t, n in rep.items()) or "none"))
-    L.append("- test items of one task in another task's train split (dropped from scoring; the two tasks are kept "
-             "in one fold): " + (", ".join(f"{x['test_task']} in {x['train_task']}: {x['items']}" for x in lk["cross"])
-                                 or "none"))  # fmt: skip
+    cross = ", ".join(f"{x['test_task']} in {x['train_task']}: {x['items']}" for x in lk["cross"]) or "none"
+    L.append("- test items of one task in another task's train split (the two tasks are kept in one fold, so "
+             f"neither is ever the other's training data; the items stay scored): {cross}")  # fmt: skip
     L.append("- tasks kept in one fold: " + ("; ".join(", ".join(g) for g in lk["linked"]) or "none")
              + (" (declared near-copies: " + "; ".join(", ".join(g) for g in lk["declared"]) + ")"
                 if lk["declared"] else ""))  # fmt: skip
