@@ -54,7 +54,6 @@ MIN_EXAMPLES = 100
 NON_ENGLISH = 0.2
 # The list of the tasks `build` left out of a data directory, with the reasons.
 SKIPPED = "skipped.json"
-_NON_ALNUM = re.compile(r"[\W_]+", re.UNICODE)
 
 
 def pip_settings() -> dict[str, str]:
@@ -92,7 +91,6 @@ def _opener(settings: dict[str, str]):
 
 def sdist_url(settings: dict[str, str]) -> str:
     """The sdist's URL on the first of pip's configured indexes that lists it (PEP 691 JSON or PEP 503 HTML)."""
-    import re
     from urllib.parse import urldefrag, urljoin
 
     opener, tried = _opener(settings), []
@@ -229,9 +227,10 @@ def targets(example: dict) -> list[str]:
 
 
 def prompt_key(prompt: str) -> str:
-    """A prompt as the leak check compares prompts (dnd_jax/experiments/leaks.py `normalize`, which this floor
-    cannot import): case-folded, each run of non-alphanumeric characters one space, trimmed."""
-    return _NON_ALNUM.sub(" ", prompt.casefold()).strip()
+    """A prompt as the leak check compares prompts (`dnd_jax.data.prompts.normalize_prompt`)."""
+    from dnd_jax.data.prompts import normalize_prompt
+
+    return normalize_prompt(prompt)
 
 
 def _generative_records(task: dict, name: str) -> list[dict]:
@@ -239,8 +238,8 @@ def _generative_records(task: dict, name: str) -> list[dict]:
     the first target, `answers` every acceptable target.
 
     An exact repeat of a prompt adds its targets to the first one's answers (BIG-bench accepts either); a near
-    repeat (equal under `prompt_key`: "Context Word: Stones." / "stones.") is left out, so no test item of a
-    task is in its own train split by the leak check's comparison.
+    repeat (equal under `prompt_key`: "Context Word:  Stones." / "context word: stones.") is left out, so no
+    test item of a task is in its own train split by the leak check's comparison.
     """
     recs: dict[str, dict] = {}
     for ex in task.get("examples", []):

@@ -81,6 +81,14 @@ def load_split(data_dir: str | Path, name: str, need_response: bool = True) -> l
     return out
 
 
+def normalize_prompt(text: str) -> str:
+    """The form two prompts are compared in (the leak check, de-duplication): Unicode NFKC, case-folded, every
+    run of whitespace one space, trimmed. Punctuation is kept: in some tasks it is the content."""
+    import unicodedata
+
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
 def load_prompts_file(path: str | Path, form: str = "prompts", seed: int = 0) -> list[str]:
     """Condition texts from a dataset JSON file (a list of records with "prompt", and "response" for the
     forms that read answers, or a list of strings) or a text file (one prompt per line).

@@ -17,15 +17,12 @@ kept: in some tasks it is the content (cs_algorithms/valid_parentheses: strippin
 
 from __future__ import annotations
 
-import unicodedata
 from pathlib import Path
 
+from dnd_jax.data.prompts import normalize_prompt
 from dnd_jax.errors import DndError
 
-
-def normalize(text: str) -> str:
-    """The form prompts are compared in: NFKC, case-folded, whitespace runs as one space, trimmed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+normalize = normalize_prompt  # NFKC, case-folded, whitespace runs as one space, trimmed (dnd_jax/data/prompts.py)
 
 
 def split_prompts(prompts_dir: str | Path, names: list[str], split: str) -> dict[str, list[str]]:
