@@ -370,6 +370,8 @@ def torch_step_at(config, make, sizes: Sizes, b: int, guard: Guard, layers: int)
     import torch
     import transformers
 
+    from benchmarks.torch_hyperconv import original_train_step
+
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t, m, e = config.train, config.model, BertConfig(num_layers=layers)
     torch.manual_seed(0)
@@ -393,16 +395,7 @@ def torch_step_at(config, make, sizes: Sizes, b: int, guard: Guard, layers: int)
     out = {}
 
     def run():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            with torch.no_grad():  # frozen encoder, dropout on (train mode), as the original
-                cond = bert(input_ids=ids_t, attention_mask=mask_t).last_hidden_state.reshape(b, n, length, -1)
-            cond = cond + t.noise_condition * torch.randn_like(cond)
-            target = y + t.noise_target * torch.randn_like(y)
-            loss = (w * (model(cond).float() - target) ** 2).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        opt.step()
+        loss = original_train_step(model, opt, bert, ids_t, mask_t, y, w, t, (b, n, length), dev.type, autocast)
         sync()
         out["loss"] = loss.detach()
 

@@ -7,7 +7,7 @@ import os
 import platform
 from pathlib import Path
 
-from dnd_jax.models.hyperconv import cpu_flags, cpu_kind
+from dnd_jax.models.conv_paths import cpu_flags, cpu_kind
 
 ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 

@@ -27,8 +27,8 @@ from benchmarks.cpuinfo import describe
 from benchmarks.timing import random_prompts, time_it
 from dnd_jax.assets import minilm_path
 from dnd_jax.extractors import load_bert, load_tokenizer
+from dnd_jax.models.conv_paths import cpu_kind
 from dnd_jax.models.encoder import BertConfig, auto_chunk, even_chunk, keys_needed, tokenize_prompts
-from dnd_jax.models.hyperconv import cpu_kind
 
 
 def main() -> None:

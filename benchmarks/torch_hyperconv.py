@@ -63,3 +63,21 @@ class TorchHyperConvDecoder(nn.Module):
                     getattr(layer, name).weight.copy_(torch.from_numpy(p[name].transpose(3, 2, 0, 1).copy()))
                 layer.conv_l.bias.copy_(torch.from_numpy(p["conv_l_bias"]))
                 layer.bias.copy_(torch.from_numpy(p["fuse_bias"]))
+
+
+def original_train_step(model, opt, bert, ids, mask, y, w, train, shape, device_type: str, autocast: bool):
+    """One training step as the original takes it: the frozen BERT (dropout on, train mode) encodes the
+    prompts, condition and target noise, weighted MSE, backward, global-norm clip, AdamW step (under bf16
+    autocast when `autocast`). ids/mask [B*N, L]; y [B, T, R, K]; w broadcastable to y; shape (B, N, L)."""
+    b, n, length = shape
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            cond = bert(input_ids=ids, attention_mask=mask).last_hidden_state.reshape(b, n, length, -1)
+        cond = cond + train.noise_condition * torch.randn_like(cond)
+        target = y + train.noise_target * torch.randn_like(y)
+        loss = (w * (model(cond).float() - target) ** 2).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+    opt.step()
+    return loss

@@ -29,12 +29,13 @@ from flax import nnx
 
 from benchmarks.cpuinfo import describe
 from benchmarks.timing import random_prompts, time_it
-from benchmarks.torch_hyperconv import TorchHyperConvDecoder
+from benchmarks.torch_hyperconv import TorchHyperConvDecoder, original_train_step
 from dnd_jax import fast_random, trainer
 from dnd_jax.assets import resolve_model
 from dnd_jax.extractors import load_extractor
+from dnd_jax.models.conv_paths import cpu_kind
 from dnd_jax.models.encoder import keys_needed, tokenize_prompts
-from dnd_jax.models.hyperconv import HyperConvDecoder, cpu_kind
+from dnd_jax.models.hyperconv import HyperConvDecoder
 
 
 def make_batch(config, tok, seed=0):
@@ -75,16 +76,7 @@ def torch_step_time(config, bert, ids, mask, tokens, repeats: int, autocast: boo
     w = torch.ones(y.shape[1])[None, :, None, None]
 
     def run():
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            with torch.no_grad():  # frozen encoder, dropout on (train mode)
-                cond = bert(input_ids=t_ids, attention_mask=t_mask).last_hidden_state.reshape(b, n, length, -1)
-            cond = cond + t.noise_condition * torch.randn_like(cond)
-            target = y + t.noise_target * torch.randn_like(y)
-            loss = (w * (model(cond).float() - target) ** 2).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        opt.step()
+        original_train_step(model, opt, bert, t_ids, t_mask, y, w, t, (b, n, length), "cpu", autocast)
 
     return time_it(run, repeats, np.median)
 

@@ -108,3 +108,11 @@ def test_old_cli_module_names_still_run(module):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-m", module, "--help"], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "--workdir" in r.stdout + r.stderr, r.stderr[-1000:]
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "benchmarks").glob("*.py")))
+def test_every_benchmark_module_imports(path):
+    """Benchmarks are not run by the suite; importing them catches a moved or renamed name at once."""
+    import importlib
+
+    importlib.import_module(f"benchmarks.{path.removesuffix('.py')}")
