@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dnd_jax.models import hyperconv as hc
+from dnd_jax.models import conv_paths as hc
 
 
 def main() -> None:

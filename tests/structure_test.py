@@ -116,3 +116,16 @@ def test_every_benchmark_module_imports(path):
     import importlib
 
     importlib.import_module(f"benchmarks.{path.removesuffix('.py')}")
+
+
+def test_scripts_name_only_what_exists():
+    """Every `from dnd_jax... import x` / `from converters... import x` in scripts/ and benchmarks/ names a
+    module and an attribute that exist (the scripts are not run by the suite)."""
+    import importlib
+
+    for p in [*(REPO / "scripts").glob("*.py"), *(REPO / "benchmarks").glob("*.py")]:
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
+                mod = importlib.import_module(node.module)
+                for a in node.names:
+                    assert hasattr(mod, a.name) or importlib.util.find_spec(f"{node.module}.{a.name}"), (p, a.name)
