@@ -318,9 +318,10 @@ def jax_step_at(config, encoder, sizes: Sizes, b: int, guard: Guard) -> dict:
             **flop_fields(config, encoder.cfg, b, key_length, med, dev.device_kind)}  # fmt: skip
 
 
-def part_step(a, sizes: Sizes, guard: Guard, done: dict) -> dict:
-    config = paper_config(sizes, a.dtype)
-    encoder = make_encoder(config, a.encoder_layers)
+def first_fit(a, sizes: Sizes, guard: Guard, attempt, release=gc.collect) -> tuple[dict, list]:
+    """The first batch of `batches` (largest first) at which `attempt(b)` runs without running out of memory:
+    (its record, the batches tried before it). `release` runs after each out-of-memory attempt, outside the
+    except block, whose traceback would still hold the failed attempt's arrays."""
     tried = []
     for b in batches(a, sizes):
         if tried and guard.left() <= 0:
@@ -328,23 +329,30 @@ def part_step(a, sizes: Sizes, guard: Guard, done: dict) -> dict:
             break
         rec = None
         try:
-            rec = jax_step_at(config, encoder, sizes, b, guard)
+            rec = attempt(b)
         except Exception as e:
             if not is_oom(e):
                 raise
             tried.append({"batch": b, "oom": str(e).splitlines()[0][:300]})
-        if rec is None:  # out of the except block: its traceback no longer holds the failed attempt's arrays
-            gc.collect()
+        if rec is None:
+            release()
             continue
-        orig = done.get("original_step", {})
-        speedup = rec["samples_per_s"] / orig["samples_per_s"] if orig.get("samples_per_s") else None
-        return {"params": count_params(trainer.generator_config(config)), **rec, "tried": tried,
-                "speedup_vs_original": speedup, "original_batch": orig.get("batch"),
-                "speedup_meaning": "ours samples/s over the original's (its step time over ours at equal batches); "
-                                   "> 1: ours faster",
-                "encoder_layers": a.encoder_layers, "conv_impl": config.model.conv_impl,
-                "matmul_precision": "default"}  # fmt: skip
+        return rec, tried
     raise RuntimeError(f"no batch size fit: {tried}")
+
+
+def part_step(a, sizes: Sizes, guard: Guard, done: dict) -> dict:
+    config = paper_config(sizes, a.dtype)
+    encoder = make_encoder(config, a.encoder_layers)
+    rec, tried = first_fit(a, sizes, guard, lambda b: jax_step_at(config, encoder, sizes, b, guard))
+    orig = done.get("original_step", {})
+    speedup = rec["samples_per_s"] / orig["samples_per_s"] if orig.get("samples_per_s") else None
+    return {"params": count_params(trainer.generator_config(config)), **rec, "tried": tried,
+            "speedup_vs_original": speedup, "original_batch": orig.get("batch"),
+            "speedup_meaning": "ours samples/s over the original's (its step time over ours at equal batches); "
+                               "> 1: ours faster",
+            "encoder_layers": a.encoder_layers, "conv_impl": config.model.conv_impl,
+            "matmul_precision": "default"}  # fmt: skip
 
 
 def original_decoder(path: str | None):
@@ -416,30 +424,21 @@ def part_original(a, sizes: Sizes, guard: Guard, done: dict) -> dict:
 
     config = paper_config(sizes, a.dtype)
     make, source = original_decoder(a.original)
-    tried = []
-    try:
-        for b in batches(a, sizes):
-            if tried and guard.left() <= 0:
-                tried.append({"batch": b, "skipped": "time guard"})
-                break
-            rec = None
-            try:
-                rec = torch_step_at(config, make, sizes, b, guard, a.encoder_layers)
-            except Exception as e:
-                if not is_oom(e):
-                    raise
-                tried.append({"batch": b, "oom": str(e).splitlines()[0][:300]})
-            if rec is None:  # out of the except block, whose traceback holds the failed attempt's tensors
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            return {**rec, "source": source, "tried": tried, "optimizer": "torch.optim.AdamW (default foreach)"}
-        raise RuntimeError(f"no batch size fit: {tried}")
-    finally:
+
+    def release():
         gc.collect()
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # hand the memory back before JAX's parts
+            torch.cuda.empty_cache()
+
+    try:
+
+        def attempt(b):
+            return torch_step_at(config, make, sizes, b, guard, a.encoder_layers)
+
+        rec, tried = first_fit(a, sizes, guard, attempt, release)
+        return {**rec, "source": source, "tried": tried, "optimizer": "torch.optim.AdamW (default foreach)"}
+    finally:
+        release()  # hand the memory back before JAX's parts
 
 
 def lora_layout(sizes: Sizes):

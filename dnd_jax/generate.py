@@ -67,14 +67,15 @@ def load_run(workdir: str | Path, step: int | None = None):
     return config, graphdef, state["params"], step
 
 
-def make_generate_fn(config, graphdef, enc_graphdef, layout, detokenize: bool = True, residual: bool = True):
+def make_generate_fn(config, graphdef, enc_graphdef, layout, detokenize: bool = True, residual: bool = True,
+                     with_sigma: bool = False):  # fmt: skip
     """The compiled prompts -> LoRA pytree call: ids [K, N, L], mask -> {path: {lora_a, lora_b}} [K, ...].
 
     With `data.target_offset` the generator's output is added to the offset tokens; with
     `data.loss_tokens == "b"` the A tokens are the offset's (the generator was never trained on them).
     The call takes the offset as its last argument (None without one). `detokenize=False` returns tokens.
     `residual=False` (with loss_tokens "b"): the generator's B^T tokens are absolute and only the A tokens
-    come from the offset.
+    come from the offset. `with_sigma`: also return the tokens' decoded per-chunk sigmas [K, T], unfloored.
     """
     from dnd_jax.trainer import b_token_mask
 
@@ -91,7 +92,8 @@ def make_generate_fn(config, graphdef, enc_graphdef, layout, detokenize: bool = 
             else:
                 tokens = tokens + offset_trk
         floor = config.generate.get("sigma_floor", None) if "generate" in config else None
-        return lora_tokens.detokenize(tokens, layout, xp=jnp, sigma_floor=floor) if detokenize else tokens
+        out = lora_tokens.detokenize(tokens, layout, xp=jnp, sigma_floor=floor) if detokenize else tokens
+        return (out, lora_tokens.decode_scales(tokens, jnp)[1]) if with_sigma else out
 
     return jax.jit(fn)
 
@@ -134,8 +136,8 @@ class AdapterGenerator:
             offset = np.load(a_from)
         else:
             offset = load_target_offset(config, self.layout.shape)
-        self.fn = make_generate_fn(config, graphdef, enc_graphdef, self.layout, residual=residual)
-        self._tokens_fn = make_generate_fn(config, graphdef, enc_graphdef, self.layout, False, residual)
+        self.graphdef, self.enc_graphdef, self.residual = graphdef, enc_graphdef, residual
+        self.fn = make_generate_fn(config, graphdef, enc_graphdef, self.layout, residual=residual, with_sigma=True)
         self.offset = None if offset is None else jnp.asarray(offset)
         self.form = config.data.get("condition", "prompts")
         self.compile_s: float | None = None
@@ -149,25 +151,28 @@ class AdapterGenerator:
         return condition_texts(records, form or self.form, seed, str(self.workdir))
 
     def __call__(self, texts: list[str], k: int, seed: int | None = None, repeats: int = 3):
-        """`k` adapters from `texts`: ({path: {lora_a, lora_b}} with a leading [k] axis on host, seconds per call).
+        """`k` adapters from `texts`: ({path: {lora_a, lora_b}} with a leading [k] axis on host, seconds per call,
+        {"negative", "chunks"}: how many of the tokens' decoded per-chunk sigmas are negative, of how many).
 
         Adapter i is made from the i-th of k prompt batches drawn from default_rng([seed, 7]) (seed: the
         run's by default), so the same texts and seed give the same adapters from the CLI and the experiment.
+        The decoding sigma = (exp(sigma' - 1.6) - 0.1) / 0.9 flips a chunk's sign for sigma' below about -0.70.
         """
         args = self._args(texts, k, seed)
         t0 = time.perf_counter()
-        lora = jax.block_until_ready(self.fn(*args))  # compile (first call of a shape) + warm-up
+        lora, sigma = jax.block_until_ready(self.fn(*args))  # compile (first call of a shape) + warm-up
         if self.compile_s is None:
             self.compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(repeats):
             jax.block_until_ready(self.fn(*args))
         per_call = (time.perf_counter() - t0) / max(repeats, 1)
-        return jax.device_get(lora), per_call
+        sigma = np.asarray(sigma)
+        return jax.device_get(lora), per_call, {"negative": int((sigma < 0).sum()), "chunks": int(sigma.size)}
 
     def save(self, lora: dict, out: Path, info: dict, overwrite: bool = False) -> list[Path]:
-        """Writes adapter-<i>/ for each row of `lora` and generation.json (`info` + the negative-scale count)
-        into `out`, atomically as a whole."""
+        """Writes adapter-<i>/ for each row of `lora` and generation.json (`info`) into `out`, atomically as a
+        whole."""
         from converters.jax_to_peft import save_peft_adapter, select_row
         from dnd_jax.fileio import atomic_dir
 
@@ -178,12 +183,6 @@ class AdapterGenerator:
                 save_peft_adapter(select_row(lora, i), spec, tmp / f"adapter-{i}", dtype=spec.dtype)
             (tmp / "generation.json").write_text(json.dumps(info, indent=2) + "\n")
         return [out / f"adapter-{i}" for i in range(k)]
-
-    def negative_scales(self, texts: list[str], k: int, seed: int | None = None) -> dict:
-        """How many decoded per-chunk sigmas of the `k` adapters' tokens are negative: the decoding
-        sigma = (exp(sigma' - 1.6) - 0.1) / 0.9 flips a chunk's sign for sigma' below about -0.70."""
-        _, sigma = lora_tokens.decode_scales(np.asarray(self._tokens_fn(*self._args(texts, k, seed))))
-        return {"negative": int((sigma < 0).sum()), "chunks": int(sigma.size)}
 
     def _args(self, texts: list[str], k: int, seed: int | None):
         from dnd_jax.data import pairs
@@ -222,7 +221,7 @@ def generate(workdir, prompts_file, out, num_adapters: int | None = None, step: 
     texts = load_prompts_file(prompts_file, form, seed)
     if len(texts) < config.data.num_texts:
         raise DndError(f"{prompts_file}: {len(texts)} prompts, fewer than num_texts={config.data.num_texts}")
-    lora, per_call = gen(texts, k, seed, repeats)
+    lora, per_call, _ = gen(texts, k, seed, repeats)
     info = {"workdir": str(Path(workdir).absolute()), "step": gen.step, "seed": seed, "prompts": str(prompts_file),
             "condition": form, "num_texts": config.data.num_texts, "num_adapters": k, "seconds_per_call": per_call,
             "seconds_per_adapter": per_call / k, "compile_s": gen.compile_s, "load_s": gen.load_s}  # fmt: skip

@@ -130,12 +130,14 @@ def test_a_from_offset_takes_the_offsets_a_tokens_exactly(trained, tmp_path):
     np.save(tmp_path / "mean.npy", mean)
     gen = generate.AdapterGenerator(trained / "wd", a_from=tmp_path / "mean.npy")
     texts = gen.texts(json.loads((trained / "prompts" / f"{NAMES[2]}_test.json").read_text()))
-    tokens = np.asarray(gen._tokens_fn(*gen._args(texts, 2, None)))
+    tokens_fn = generate.make_generate_fn(gen.config, gen.graphdef, gen.enc_graphdef, layout, False, gen.residual)
+    tokens = np.asarray(tokens_fn(*gen._args(texts, 2, None)))
     b = b_token_mask(layout).astype(bool)
     np.testing.assert_array_equal(tokens[:, ~b], np.broadcast_to(mean[~b], tokens[:, ~b].shape))
     assert not np.allclose(tokens[:, b], mean[b])
     plain = generate.AdapterGenerator(trained / "wd")  # trained on absolute tokens: no offset at all
-    assert not np.allclose(np.asarray(plain._tokens_fn(*plain._args(texts, 2, None)))[:, ~b], mean[~b])
+    plain_fn = generate.make_generate_fn(plain.config, plain.graphdef, plain.enc_graphdef, layout, False, False)
+    assert not np.allclose(np.asarray(plain_fn(*plain._args(texts, 2, None)))[:, ~b], mean[~b])
 
 
 def test_cli_and_in_process_generation_are_one_path(trained, tmp_path):
@@ -143,7 +145,7 @@ def test_cli_and_in_process_generation_are_one_path(trained, tmp_path):
     prompts = trained / "prompts" / f"{NAMES[2]}_test.json"
     r = generate.generate(trained / "wd", prompts, tmp_path / "cli", num_adapters=2, repeats=1)
     gen = generate.AdapterGenerator(trained / "wd")
-    lora, _ = gen(gen.texts(json.loads(prompts.read_text())), 2, repeats=1)
+    lora, _, scales = gen(gen.texts(json.loads(prompts.read_text())), 2, repeats=1)
     paths = gen.save(lora, tmp_path / "exp", {"step": gen.step})
     for a, b in zip(r["adapters"], paths, strict=True):
         x, _ = load_safetensors(a / "adapter_model.safetensors")
@@ -151,5 +153,8 @@ def test_cli_and_in_process_generation_are_one_path(trained, tmp_path):
         assert set(x) == set(y) and all(np.array_equal(x[k], y[k]) for k in x)
     info = json.loads((tmp_path / "cli" / "generation.json").read_text())
     assert info["load_s"] > 0 and info["compile_s"] > 0 and info["condition"] == "prompts"
-    scales = gen.negative_scales(gen.texts(json.loads(prompts.read_text())), 2)
-    assert scales["chunks"] > 0 and 0 <= scales["negative"] <= scales["chunks"]
+    # the count is of the tokens' decoded sigmas, read apart from the call that made the adapters
+    tokens_fn = generate.make_generate_fn(gen.config, gen.graphdef, gen.enc_graphdef, gen.layout, False, gen.residual)
+    tokens = np.asarray(tokens_fn(*gen._args(gen.texts(json.loads(prompts.read_text())), 2, None)))
+    _, sigma = lora_tokens.decode_scales(tokens)
+    assert scales == {"negative": int((sigma < 0).sum()), "chunks": sigma.size} and sigma.size == 2 * tokens.shape[1]

@@ -66,8 +66,9 @@ def assign_folds(names: list[str], k: int, seed: int, split: str = "random",
         for n in names:
             by_fam.setdefault((family or {}).get(n, n), []).append(n)
         links += list(by_fam.values())
-    grouped = {t for g in leaks.components(names, links) for t in g}
-    units = leaks.components(names, links) + [[n] for n in names if n not in grouped]
+    groups = leaks.components(names, links)
+    grouped = {t for g in groups for t in g}
+    units = groups + [[n] for n in names if n not in grouped]
     units.sort(key=lambda u: names.index(u[0]))
     if split == "random":
         perm = rng.permutation(len(units))
@@ -155,8 +156,7 @@ def prepare_folds(c, workdir: Path, names: list[str]) -> list[dict]:
             idx = leaks.scored_indices(len(test_p[t]), exclude, e.limit)
             scored[t] = [test_p[t][i] for i in idx]
             plans[t] = {"fold": f, "control": str(fdir / "control"), "retrieval": best, "similarity": sim,
-                        "training": training_sample(c, t, train), "exclude": exclude,
-                        "scored_items": len(idx)}  # fmt: skip
+                        "training": training_sample(c, t, train), "exclude": exclude}  # fmt: skip
         out.append({"fold": f, "heldout": held, "train": train, "mean_tokens": str(fdir / "mean_tokens.npy"),
                     "plans": plans})  # fmt: skip
     leaks.audit(out, train_p, scored)

@@ -18,11 +18,11 @@ def condition_records(c, task: str, form: str) -> list[dict]:
     return load_split(c.data.prompts_dir, f"{task}_{split}", needs_answers(form))
 
 
-def generation_info(c, gen, task: str) -> dict:
+def generation_info(c) -> dict:
     """What a task's generated adapters depend on (a stored generation.json that differs is regenerated)."""
     from dnd_jax.data.prompts import needs_answers
 
-    form = gen.form if gen is not None else c.data.get("condition", "prompts")
+    form = c.data.get("condition", "prompts")  # the generator's own form: it was trained from this config
     return {"num_adapters": c.experiment.num_adapters, "condition": form, "step": c.train.steps,
             "sigma_floor": c.generate.get("sigma_floor", None),
             "split": "train" if needs_answers(form) else c.generate.split}  # fmt: skip
@@ -48,16 +48,14 @@ def generate_fold(train_dir: Path, heldout: list[str], c, out_root: Path, a_from
     """
     from dnd_jax.generate import AdapterGenerator
 
-    todo = [t for t in heldout if not generated_ok(out_root / t, generation_info(c, None, t))]
+    info = generation_info(c)
+    todo = [t for t in heldout if not generated_ok(out_root / t, info)]
     if not todo:
         return None
     gen = AdapterGenerator(train_dir, a_from=a_from, sigma_floor=c.generate.get("sigma_floor", None))
     k, times, neg, chunks = c.experiment.num_adapters, [], 0, 0
     for task in todo:
-        info = generation_info(c, gen, task)
-        texts = gen.texts(condition_records(c, task, gen.form))
-        lora, per_call = gen(texts, k)
-        scales = gen.negative_scales(texts, k)
+        lora, per_call, scales = gen(gen.texts(condition_records(c, task, gen.form)), k)
         neg, chunks = neg + scales["negative"], chunks + scales["chunks"]
         times.append(per_call / k)
         gen.save(lora, out_root / task, {**info, "step": gen.step, "seed": gen.config.seed,

@@ -206,8 +206,8 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
                     info[f"{f['fold']}/{s}"] = got
                     write_json(path, info)
 
-    want = {t: generation_info(c, None, t) for t in held}
-    gen_done = all(generated_ok(gen_root(f, s) / t, want[t]) for f in folds for s in seeds for t in f["heldout"])
+    want = generation_info(c)
+    gen_done = all(generated_ok(gen_root(f, s) / t, want) for f in folds for s in seeds for t in f["heldout"])
     stages.run(f"adapters/{e.variant}", adapters, done=gen_done)
     if until == "adapters":
         return None

@@ -26,6 +26,7 @@ from dnd_jax.experiments.tables import (
     _rel,
     collect_scores,
     comparison_table,
+    seed_lists,
     table,
     task_mean,
 )
@@ -161,7 +162,8 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
     L += [f"- {k}: {_fmt_ci(d)} ({d['wins']}/{d['ties']}/{d['losses']})" for k, d in ctx.items()]
     sec = [(p, m) for p in ("ll", "gen") if p in e.secondary for m in (("acc", "acc_norm") if p == "ll" else ("acc",))]
     have = {v: per for v, per in variants.items()
-            if all(p in x for t in names for xs in _gen_lists(per[t]) for x in xs for p, _ in sec)}  # fmt: skip
+            if all(p in x for t in names for xs in seed_lists(per[t]).values()
+                   for x in xs for p, _ in sec)}  # fmt: skip
     if sec and all(p in shared[t]["base"] for t in names for p, _ in sec):
         L.append(f"\n## Secondary: accuracy on the first {e.secondary_limit} scored items of each task (%)\n")
         L.append("`ll`: log-likelihood with lm-eval's generic template (`Question: ...\\nAnswer:` + ` choice`; "
@@ -183,7 +185,7 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
         plot(nll, vnames, names, out_dir / "many_task.png")
         L.append("\n![per-task scatter](many_task.png)\n")
     L += _time_section(c, cv, vnames, names)
-    L += _leak_section(made, shared, names)
+    L += _leak_section(made)
     L.append("\n## Settings\n")
     gen = generator_config(c)
     L += [f"- **tasks** ({len(names)}): " + ", ".join(names),
@@ -235,11 +237,6 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
     return path
 
 
-def _gen_lists(score: dict) -> list:
-    gen = score["generated"]
-    return list(gen.values()) if isinstance(gen, dict) else [gen]
-
-
 def _time_section(c, cv: Path, vnames: list[str], names: list[str]) -> list[str]:
     """Time to an adapter, cold (model and encoder load + compile, amortised over a generator's adapters) and
     warm (one compiled call per batch of adapters), next to collecting one LoRA."""
@@ -272,7 +269,7 @@ def _time_section(c, cv: Path, vnames: list[str], names: list[str]) -> list[str]
     return L
 
 
-def _leak_section(made: dict, shared: dict, names: list[str]) -> list[str]:
+def _leak_section(made: dict) -> list[str]:
     """What the leak check found and what the folds did about it (folds.json)."""
     lk = made.get("leaks")
     if lk is None:

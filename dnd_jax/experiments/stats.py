@@ -58,14 +58,6 @@ def interval(boots: np.ndarray) -> tuple[list[float], float]:
     return [float(lo), float(hi)], bad
 
 
-def bootstrap_ci(values, n_boot: int, seed: int, stat=np.mean) -> tuple[float, float]:
-    """95 % percentile bootstrap CI of `stat` over the first axis (tasks) of a [n] or [n, ...] array."""
-    values = np.asarray(values)
-    idx = np.random.default_rng([seed, 31]).integers(0, len(values), size=(n_boot, len(values)))
-    (lo, hi), _ = interval(np.array([stat(values[i]) for i in idx]))
-    return lo, hi
-
-
 def paired(better, worse, n_boot: int, seed: int, tie: float, groups=None) -> dict:
     """Per-task paired difference worse - better of a lower-is-better metric: > 0 means `better` wins.
 

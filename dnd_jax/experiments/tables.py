@@ -41,12 +41,15 @@ def collect_scores(cv: Path, names: list[str]) -> tuple[dict, dict]:
     return shared, variants
 
 
+def seed_lists(score: dict) -> dict[str, list[dict]]:
+    """A variant's scores of one task: {seed: [adapter scores]}."""
+    gen = score["generated"]
+    return {"-": gen} if isinstance(gen, list) else gen  # a list: one unnamed seed (score files of older runs)
+
+
 def seed_values(score: dict, proto: str, name: str) -> list[float]:
     """A variant's per-seed value of one metric on one task (each the mean over that seed's adapters)."""
-    gen = score["generated"]
-    if isinstance(gen, list):  # one unnamed seed (score files of older runs)
-        gen = {"-": gen}
-    return [float(np.mean([_metric(x, proto, name) for x in adapters])) for adapters in gen.values()]
+    return [float(np.mean([_metric(x, proto, name) for x in adapters])) for adapters in seed_lists(score).values()]
 
 
 def table(shared: dict, variants: dict, names: list[str], proto: str, name: str, skip=()) -> dict[str, np.ndarray]:
