@@ -127,6 +127,27 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     c.train.keep_checkpoints = 3
     # Progress bar on stderr.
     c.train.progress = True
+    # What the generator is fitted to (dnd_jax/objectives/): "recon" (the paper's: checkpoint tokens by weighted
+    # MSE), "sft" (the tasks' own loss through the frozen LM, sft.*), "sft+recon" (their weighted sum), or
+    # "mt_lora" (no generator: one LoRA trained by the sft loss on every training task, the prompt-blind baseline).
+    c.train.objective = "recon"
+
+    c.sft = ml_collections.ConfigDict()
+    # The frozen LM of the SFT objectives: a built-in name or a directory; "" = the checkpoints' base model.
+    c.sft.model = ""
+    # Labelled examples per task per step (M); a step draws train.batch_size distinct training tasks.
+    c.sft.examples = 4
+    # Chat-format cut-off of an example in LM tokens (the collection's cutoff_len; the prompt is cut first).
+    c.sft.cutoff_len = 256
+    # Examples of a batch are cut to its longest, rounded up to a multiple of this (fewer padded tokens through
+    # the LM; one compiled shape per length); 0 = every batch padded to the longest example of all tasks.
+    c.sft.bucket = 0
+    # LM compute dtype (its weights stay float32; the loss is float32).
+    c.sft.compute_dtype = "float32"
+    # L2 penalty on the adapter's distance from the control: sum over modules of mean(dA^2) + mean(dB^2).
+    c.sft.l2 = 1e-3
+    # Weight of the reconstruction term in "sft+recon".
+    c.sft.recon_weight = 1.0
 
     c.mesh = ml_collections.ConfigDict()
     # Device mesh: batch over both axes, parameters and optimizer state over fsdp (ZeRO-3 style); -1 = the rest.

@@ -45,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_index() != 0:
         return 0
     exit_if_stopped(r, f.workdir)
-    start = r.get("heldout_wmse_start")
+    start, end = r.get("eval_start") or {}, r.get("eval_end") or {}
+    key = "heldout/wmse" if "heldout/wmse" in end else "heldout/nll"
+    name = "held-out weighted MSE" if key == "heldout/wmse" else "held-out response NLL"
     print(
-        f"held-out weighted MSE: {'' if start is None else f'{start:.5f} at step 0 -> '}"
-        f"{r['heldout_wmse_end']:.5f} at step {flags.FLAGS.config.train.steps}; workdir {flags.FLAGS.workdir}"
+        f"{name}: {'' if key not in start else f'{start[key]:.5f} at step 0 -> '}"
+        f"{end[key]:.5f} at step {flags.FLAGS.config.train.steps}; workdir {flags.FLAGS.workdir}"
+        + (f"; adapter {flags.FLAGS.workdir}/adapter" if f.config.train.get("objective") == "mt_lora" else "")
     )
     return 0
 

@@ -19,6 +19,7 @@ from dnd_jax.data import pairs
 from dnd_jax.errors import DndError
 from dnd_jax.models.hyperconv import generator_config
 from dnd_jax.objectives.recon import b_token_mask
+from dnd_jax.objectives.sft import ensure_control, uses_lm
 
 
 @dataclasses.dataclass
@@ -35,6 +36,7 @@ class Data:
     offset: np.ndarray | None = None  # [T, R, K] targets are tokens - offset (data.target_offset)
     cache: pairs.HiddenCache | None = None  # encoder outputs per prompt (encoder.cache)
     key_length: int | None = None  # no prompt has a real token past this position (encoder key trimming)
+    sft: tuple | None = None  # (objectives.sft.SftParts, SftSampler) of the SFT objectives
 
 
 def load_data(config) -> Data:
@@ -80,6 +82,8 @@ def load_data(config) -> Data:
              for name in [*names, d.heldout_dataset]}  # fmt: skip
     train_sets = [sets[nm] for nm in names]
     check_same_init([*train_sets, sets[d.heldout_dataset]], d.get("allow_mixed_init", False))
+    if uses_lm(config):
+        ensure_control(config, train_sets)
     offset = load_target_offset(config, tuple(gen.features[-1]))
     sampler = pairs.PairSampler(train_sets, pools, d.num_texts, config.train.batch_size, config.seed, offset)
     if pools[d.heldout_dataset].input_ids.shape[0] < d.num_texts:
@@ -176,10 +180,14 @@ def heldout_batches(data: Data, config) -> list[pairs.Batch]:
     return out
 
 
-def _global_batch(b: pairs.Batch, batch_sh, global_b: int) -> dict:
+def _global_batch(b, batch_sh, global_b: int) -> dict:
+    """A process's rows (a `pairs.Batch` or a dict of arrays leading with the rows) as global arrays."""
+
     def put(x):
         return jax.make_array_from_process_local_data(batch_sh, x, (global_b, *x.shape[1:]))
 
+    if isinstance(b, dict):
+        return {k: put(v) for k, v in b.items()}
     if b.cond_bnld is not None:
         return {"cond": put(b.cond_bnld), "tokens": put(b.tokens_btrk)}
     return {

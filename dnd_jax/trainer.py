@@ -92,11 +92,13 @@ def exit_if_stopped(result: dict, workdir) -> None:
         raise SystemExit(0)
 
 
-_POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+_POSITIVE = ("train.steps", "train.batch_size", "sft.examples", "sft.cutoff_len", "train.log_every",
+             "train.checkpoint_every", "train.keep_checkpoints",
              "train.eval_batches", "data.num_texts", "data.max_text_length", "data.real_length", "data.chunk",
              "model.kernel_size")  # fmt: skip
 _NON_NEGATIVE = ("data.max_prompts", "train.eval_every", "train.learning_rate", "train.weight_decay",
-                 "train.max_grad_norm", "train.noise_condition", "train.noise_target", "train.eps")  # fmt: skip
+                 "train.max_grad_norm", "train.noise_condition", "train.noise_target", "train.eps", "sft.l2",
+                 "sft.recon_weight")  # fmt: skip
 
 
 def validate_config(config) -> None:
@@ -119,6 +121,9 @@ def validate_config(config) -> None:
         if v < 0 or (v == 0 and name in _POSITIVE):
             raise DndError(f"config field {name}: {v!r} must be {'positive' if name in _POSITIVE else '>= 0'}")
     from dnd_jax.data.prompts import check_condition
+    from dnd_jax.objectives.sft import objective_of
+
+    objective_of(config)
 
     check_condition(config.data.get("condition", "prompts"))
     if get("model.kernel_size") % 2 == 0:
@@ -161,12 +166,17 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict:
         with workdir_lock(workdir, "train") if jax.process_index() == 0 else contextlib.nullcontext():
             return _setup_and_run(config, workdir, devices)
     except DndError:
-        if created and jax.process_index() == 0 and {p.name for p in workdir.iterdir()} <= {".lock"}:
+        left = {p.name for p in workdir.iterdir()} if created else None
+        if created and jax.process_index() == 0 and left <= {".lock", "control_tokens.npy"}:
             shutil.rmtree(workdir, ignore_errors=True)  # a run that failed in its set-up leaves nothing behind
         raise
 
 
 def _setup_and_run(config, workdir: Path, devices) -> dict:
+    from dnd_jax.objectives import sft
+
+    if sft.uses_lm(config):
+        sft.start_at_control(config, workdir)
     cfg_path = workdir / "config.json"
     if cfg_path.is_file():
         check_same_config(json.loads(cfg_path.read_text()), config_dict(config), str(workdir))
@@ -175,6 +185,8 @@ def _setup_and_run(config, workdir: Path, devices) -> dict:
     if t.batch_size % mesh.size:
         raise DndError(f"config field train.batch_size {t.batch_size} is not divisible by the {mesh.size} devices")
     data = load_data(config)
+    if sft.uses_lm(config):  # the LM, the examples and what the data cannot fill: checked before any output
+        data.sft = sft.prepare(config, data)
     gen = generator_config(config)
     if jax.process_index() == 0:
         save_config(config, cfg_path)
@@ -183,32 +195,72 @@ def _setup_and_run(config, workdir: Path, devices) -> dict:
         return _run(config, workdir, data, gen, mesh, rules)
 
 
+def _plan(config, workdir: Path, data: Data, gen, mesh, rules, lo: int, hi: int) -> dict:
+    """What differs between train.objective values: the parameters and their init, the step functions and
+    their aux arguments (replicated), the batches of this process's rows [lo, hi), the monitoring batches."""
+    from dnd_jax.objectives import sft
+
+    objective = sft.objective_of(config)
+    tx, schedule = make_optimizer(config)
+    enc_graphdef, enc_state = nnx.split(data.encoder)
+    graphdef, param_sh, flops = None, None, 0
+    if objective != "mt_lora":
+        abstract = nnx.eval_shape(lambda: HyperConvDecoder(gen, nnx.Rngs(0)))
+        graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+        specs = nnx.to_pure_dict(sharding.param_specs(abstract_params, mesh, rules))
+        param_sh = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+        flops = 3 * layer_flops(gen) * config.train.batch_size  # forward + backward ~ 3x forward
+    if objective == "recon":
+        step, evaluate = make_steps(config, graphdef, enc_graphdef, tx, schedule, data.key_length)
+        return {"init_state": make_init_state(config), "param_sh": param_sh, "flops": flops,
+                "aux": {"enc": enc_state, "weight": jnp.asarray(data.weight)},
+                "steps": (lambda st, aux, b: step(st, aux["enc"], b, aux["weight"]),
+                          lambda p, aux, b: dict(zip(("wmse", "generated_mean_square"),
+                                                     evaluate(p, aux["enc"], b, aux["weight"]), strict=True))),
+                "rows": lambda s: data.sampler.rows(s, lo, hi),
+                "eval_sets": {"heldout": [b.slice(lo, hi) for b in heldout_batches(data, config)]}}  # fmt: skip
+    parts, sampler = data.sft
+    lm_graphdef, aux = sft.lm_aux(config, data, parts, enc_state)
+    steps = sft.make_steps(config, graphdef, enc_graphdef, lm_graphdef, tx, schedule, data.layout, parts.scale,
+                           data.key_length)  # fmt: skip
+    init_state, finish = make_init_state(config), None
+    if objective == "mt_lora":
+        centre = aux["centre"]
+        param_sh = jax.tree.map(lambda _: sharding.replicated(mesh), centre)
+
+        def init_state():
+            params = jax.tree.map(jnp.asarray, centre)
+            return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+        def finish(params):
+            sft.save_mt_lora(jax.device_get(params), data.layout, workdir / "adapter")
+
+    evals = {k: [{n: x[lo:hi] for n, x in b.items()} for b in v]
+             for k, v in sft.eval_batches(data, sampler, config).items()}  # fmt: skip
+    return {"init_state": init_state, "param_sh": param_sh, "flops": 0, "aux": aux, "steps": steps,
+            "rows": lambda s: sampler.rows(s, lo, hi), "eval_sets": evals, "finish": finish}  # fmt: skip
+
+
 def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
     t = config.train
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    abstract = nnx.eval_shape(lambda: HyperConvDecoder(gen, nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    specs = nnx.to_pure_dict(sharding.param_specs(abstract_params, mesh, rules))
-    param_sh = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
-    tx, schedule = make_optimizer(config)
-    init_state = make_init_state(config)
+    n_proc, pid = jax.process_count(), jax.process_index()
+    lo, hi = pid * t.batch_size // n_proc, (pid + 1) * t.batch_size // n_proc
+    plan = _plan(config, workdir, data, gen, mesh, rules, lo, hi)
+    init_state, aux, param_sh = plan["init_state"], jax.device_put(plan["aux"], rep), plan["param_sh"]
     abstract_state = jax.eval_shape(init_state)
     state_sh = {"params": param_sh, "opt_state": _tree_shardings(abstract_state["opt_state"], param_sh, rep),
                 "step": rep}  # fmt: skip
-    enc_graphdef, enc_state = nnx.split(data.encoder)
-    enc_state = jax.device_put(enc_state, rep)
-    weight = jax.device_put(jnp.asarray(data.weight), rep)
-
-    train_step, eval_step = make_steps(config, graphdef, enc_graphdef, tx, schedule, data.key_length)
+    train_step, eval_step = plan["steps"]
     traces = {"train": 0}
 
     def counted(*a):
         traces["train"] += 1  # runs at trace time only: counts compilations
         return train_step(*a)
 
-    train_jit = jax.jit(counted, in_shardings=(state_sh, rep, batch_sh, rep), out_shardings=(state_sh, rep),
+    train_jit = jax.jit(counted, in_shardings=(state_sh, rep, batch_sh), out_shardings=(state_sh, rep),
                         donate_argnums=(0,))  # fmt: skip
-    eval_jit = jax.jit(eval_step, in_shardings=(param_sh, rep, batch_sh, rep), out_shardings=rep)
+    eval_jit = jax.jit(eval_step, in_shardings=(param_sh, rep, batch_sh), out_shardings=rep)
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
     start = ckpt.latest_step()
@@ -220,24 +272,21 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
         if jax.process_index() == 0:
             print(f"resumed from step {start} in {workdir / 'checkpoints'}", file=sys.stderr)
 
-    n_proc, pid = jax.process_count(), jax.process_index()
-    lo, hi = pid * t.batch_size // n_proc, (pid + 1) * t.batch_size // n_proc
-    eval_batches = heldout_batches(data, config)
+    eval_sets, flops = plan["eval_sets"], plan["flops"]
     writer = Writer(workdir, start)
-    flops = 3 * layer_flops(gen) * t.batch_size  # forward + backward ~ 3x forward
 
     def evaluate(step: int, params) -> dict:
-        vals = [eval_jit(params, enc_state, _global_batch(b.slice(lo, hi), batch_sh, t.batch_size), weight)
-                for b in eval_batches]  # fmt: skip
-        vals = to_host(vals)
-        m = {"heldout/wmse": np.mean([float(v[0]) for v in vals]),
-             "heldout/generated_mean_square": np.mean([float(v[1]) for v in vals])}  # fmt: skip
+        m = {}
+        for name, batches in eval_sets.items():
+            vals = to_host([eval_jit(params, aux, _global_batch(b, batch_sh, t.batch_size)) for b in batches])
+            m.update({f"{name}/{k}": float(np.mean([float(v[k]) for v in vals])) for k in vals[0]})
         writer.write(step, m)
         return m
 
     result = {"start_step": start}
     if start == 0:
-        result["heldout_wmse_start"] = evaluate(0, state["params"])["heldout/wmse"]
+        result["eval_start"] = evaluate(0, state["params"])
+        result["heldout_wmse_start"] = result["eval_start"].get("heldout/wmse")
     from tqdm import tqdm
 
     bar = tqdm(total=t.steps, initial=start, desc="train", disable=pid != 0 or not t.progress, file=sys.stderr)
@@ -245,8 +294,8 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
     stop = StopOnSigterm(multi_process=jax.process_count() > 1)
     final = None
     try:
-        for step, b in pairs.prefetch(lambda s: data.sampler.rows(s, lo, hi), range(start, t.steps)):
-            state, metrics = train_jit(state, enc_state, _global_batch(b, batch_sh, t.batch_size), weight)
+        for step, b in pairs.prefetch(plan["rows"], range(start, t.steps)):
+            state, metrics = train_jit(state, aux, _global_batch(b, batch_sh, t.batch_size))
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:
                 m = to_host(metrics)  # the only host sync, every log_every steps
@@ -257,9 +306,11 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
                     )
                 dt = (time.perf_counter() - t_last) / (done - last_logged)
                 t_last, last_logged = time.perf_counter(), done
-                m = {**m, "step_time_s": dt, "samples_per_s": t.batch_size / dt, "flop_per_s": flops / dt}
+                m = {**m, "step_time_s": dt, "samples_per_s": t.batch_size / dt}
+                if flops:
+                    m["flop_per_s"] = flops / dt
                 writer.write(done, m)
-                bar.set_postfix(loss=f"{float(m['loss']):.4g}", gms=f"{float(m['generated_mean_square']):.3f}")
+                bar.set_postfix(loss=f"{float(m['loss']):.4g}")
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 evaluate(done, state["params"])
             saved = done % t.checkpoint_every == 0 or done == t.steps
@@ -273,13 +324,15 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
                 break
         else:
             final = evaluate(t.steps, state["params"])
+            if plan.get("finish") and pid == 0:
+                plan["finish"](state["params"])
     finally:
         stop.restore()
         bar.close()
         ckpt.close()  # waits for the last (async) save
         writer.close()
     cache = None if data.cache is None else {k: int(have.sum()) for k, (_, have) in sorted(data.cache.store.items())}
-    result.update(heldout_wmse_end=None if final is None else final["heldout/wmse"], traces=traces["train"],
-                  state=state, encoder_cache=cache,
+    result.update(heldout_wmse_end=None if final is None else final.get("heldout/wmse"), eval_end=final,
+                  traces=traces["train"], state=state, encoder_cache=cache,
                   last_metrics=to_host(metrics) if metrics is not None else None)  # fmt: skip
     return result

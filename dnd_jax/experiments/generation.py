@@ -52,6 +52,8 @@ def generate_fold(train_dir: Path, heldout: list[str], c, out_root: Path, a_from
     todo = [t for t in heldout if not generated_ok(out_root / t, info)]
     if not todo:
         return None
+    if c.train.get("objective", "recon") == "mt_lora":
+        return copy_mt_lora(train_dir, todo, c, out_root, info)
     gen = AdapterGenerator(train_dir, a_from=a_from, sigma_floor=c.generate.get("sigma_floor", None))
     k, times, neg, chunks = c.experiment.num_adapters, [], 0, 0
     for task in todo:
@@ -63,3 +65,23 @@ def generate_fold(train_dir: Path, heldout: list[str], c, out_root: Path, a_from
                  overwrite=True)  # fmt: skip
     return {"load_s": gen.load_s, "compile_s": gen.compile_s, "seconds_per_adapter": float(np.median(times)),
             "adapters": k * len(todo), "negative_scales": neg, "chunks": chunks}  # fmt: skip
+
+
+def copy_mt_lora(train_dir: Path, tasks: list[str], c, out_root: Path, info: dict) -> dict:
+    """mt_lora makes no adapter per task: its fold's one LoRA (train_dir/adapter) is every held-out task's row."""
+    import shutil
+
+    from dnd_jax.errors import DndError
+    from dnd_jax.fileio import atomic_dir
+
+    src = train_dir / "adapter"
+    if not (src / "adapter_config.json").is_file():
+        raise DndError(f"{src}: no mt_lora adapter (train.objective mt_lora writes it at the last step)")
+    k = c.experiment.num_adapters
+    for task in tasks:
+        with atomic_dir(out_root / task, overwrite=True) as tmp:
+            for i in range(k):
+                shutil.copytree(src, tmp / f"adapter-{i}")
+            (tmp / "generation.json").write_text(json.dumps({**info, "mt_lora": str(src)}, indent=2) + "\n")
+    return {"load_s": 0.0, "compile_s": 0.0, "seconds_per_adapter": 0.0, "adapters": k * len(tasks),
+            "negative_scales": 0, "chunks": 0}  # fmt: skip

@@ -54,6 +54,8 @@ def fold_config(c, train_tasks: list[str], heldout: list[str], offset: Path | No
     fc.data.loss_tokens = "b" if c.experiment.predict == "b_only" else "all"
     # Residual targets start at the offset (the control) rather than at a random output.
     fc.model.zero_init_output = offset is not None
+    # SFT objectives train through the collection's base model, in its chat format and cut-off.
+    fc.sft.model, fc.sft.cutoff_len = c.collect.model, c.collect.cutoff_len
     return fc
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dnd_jax.experiments.sft_report import sft_section
 from dnd_jax.experiments.stats import paired
 from dnd_jax.experiments.tables import (
     ANSWER,
@@ -91,6 +92,11 @@ def _variant_desc(cv: Path, v: str, per: dict) -> str:
     d = tc["data"]
     target = "residual from the fold mean" if d.get("target_offset") else "absolute tokens"
     loss = "B^T tokens only" if d.get("loss_tokens") == "b" else "all tokens"
+    obj = tc["train"].get("objective", "recon")
+    if obj != "recon":
+        s = tc.get("sft", {})
+        loss = (f"the tasks' response NLL through the LM ({obj}; {s.get('examples')} examples x "
+                f"{tc['train']['batch_size']} tasks per step, L2 {s.get('l2')})")  # fmt: skip
     return f"{v} ({tc['train']['steps']} steps, {target}, loss on {loss}; seeds {', '.join(seeds)}; {scored})"
 
 
@@ -181,6 +187,7 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
                 d = paired(-a[f"generated:{v}"], -a["control"], nb, seed, 0.0, groups)
                 L.append(f"- {k}, generated ({v}) - control: {100 * d['mean']:+.2f} points [{100 * d['ci'][0]:+.2f}, "
                          f"{100 * d['ci'][1]:+.2f}] ({d['wins']}/{d['ties']}/{d['losses']})")  # fmt: skip
+    L += sft_section(cv, vnames, nll, groups, nb, seed, TIE)
     if vnames:
         plot(nll, vnames, names, out_dir / "many_task.png")
         L.append("\n![per-task scatter](many_task.png)\n")
