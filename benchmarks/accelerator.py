@@ -10,7 +10,13 @@ its wheel travels, and so does the original's hyperconv.py; both sit in the git-
     python3 benchmarks/accelerator.py --original .cache/original/hyperconv.py --out $OUT/accelerator.jsonl
     2>&1 | tee $OUT/accelerator.log
 
-(one line; the JSON lines come back as $OUT/accelerator.jsonl). Made once here, never committed:
+(one line; the JSON lines come back as $OUT/accelerator.jsonl). Appended to the same command when the budget allows
+(one device session), the SFT-mode step at Qwen2.5-0.5B's shape against PyTorch + PEFT on the same GPU:
+
+    ; PYTHONPATH=.:/tmp/site python3 benchmarks/sft_step.py --lm qwen2.5-0.5b --tasks 8 --examples 4 --length 256
+    2>&1 | tee $OUT/sft_step.log
+
+Made once here, never committed:
 
   .venv/bin/python -m pip download ml_collections --no-deps -d .cache/wheels
   mkdir -p .cache/original && git -C <the `fetch` snapshot of github jerryliang24/Drag-and-Drop-LLMs> \
