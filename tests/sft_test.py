@@ -102,6 +102,16 @@ def test_sft_step_sharded_matches_single_device(family, tmp_path):
     assert sharded["eval_start"]["heldout/generated_mean_square"] == 0.0
 
 
+def test_sft_plus_recon_adds_the_weighted_reconstruction_loss(family, tmp_path):
+    over = {"train.steps": 1, "train.objective": "sft+recon", "sft.recon_weight": 0.5, "sft.l2": 0.01,
+            "mesh.shape": (1, 1)}  # fmt: skip
+    r = trainer.train_and_evaluate(config(family, **over), tmp_path / "w", devices=jax.devices()[:1])
+    m = r["last_metrics"]
+    assert float(m["recon"]) > 0 and float(m["nll"]) > 0
+    np.testing.assert_allclose(float(m["loss"]), float(m["nll"]) + 0.01 * float(m["l2"]) + 0.5 * float(m["recon"]),
+                               rtol=1e-6)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
