@@ -120,6 +120,8 @@ def get_config(arg=None):
     c.experiment.test_size = 64
     c.experiment.max_train = 1000
     c.experiment.max_choices = 5
+    # Keep only BIG-bench examples that fit collect.cutoff_len whole (no prompt cut; configs/mixed_task_smollm2.py).
+    c.experiment.whole_examples = False
     # K folds over tasks; "random" (seeded) or "family" (a family never straddles folds).
     c.experiment.folds = 5
     c.experiment.split = "random"

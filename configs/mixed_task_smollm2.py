@@ -156,6 +156,13 @@ def get_config(arg=None):
     c.experiment.split = "random" if "random" in parts else "family"
     # Near-copies and tasks asking a common-sense set's items: one fold whatever the split.
     c.experiment.linked = LINKED
+    # Whole examples only: at the 48-task recipe's cut-off of 256 tokens the prompts of ~34 generative tasks would
+    # be cut (from their end, LLaMA-Factory's rule: often the question itself). The pool's recipe takes 512 and
+    # drops the BIG-bench examples that still do not fit whole (a task left with too few is skipped, saying so).
+    # A new recipe: none of the 48-task collections is reused.
+    if not smoke:
+        c.collect.cutoff_len = 512
+        c.experiment.whole_examples = True
     # Primary metric only: the "ll" and "gen" protocols score lettered options, which generative tasks lack.
     c.experiment.secondary = ()
     c.pipeline.deviations = (

@@ -157,6 +157,35 @@ def test_unusable_tasks_are_skipped_with_one_line(tmp_path, monkeypatch, capsys)
         bigbench.build(tmp_path / "data2", ["good", "nosuch"], test_size=20)
 
 
+@pytest.mark.needs_models
+def test_whole_examples_drops_what_the_cutoff_would_cut(tmp_path, monkeypatch, capsys):
+    """The pool's recipe keeps only examples that fit collect.cutoff_len whole (SmolLM2's tokenizer, chat format);
+    a task left with too few is skipped saying how many fit."""
+    from dnd_jax.lm import encode_sft_example
+
+    c = pool.get_config()
+    assert c.experiment.whole_examples and c.collect.cutoff_len == 512
+    assert not pool.get_config("smoke").experiment.whole_examples
+    monkeypatch.setenv("DND_JAX_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    long = " ".join(["word"] * 600)  # ~600 tokens: over the cut-off
+    write_sdist(tmp_path / "cache" / bigbench.SDIST, {
+        "mixed": gen_task(160, text=lambda i: f"{long} question {i}?" if i % 4 == 0 else f"question {i}?"),
+        "mostly_long": gen_task(150, text=lambda i: f"{long} {i}" if i % 2 else f"short {i}"),
+    })  # fmt: skip
+    fits = bigbench.whole_examples(c.collect.model, c.collect.cutoff_len)
+    out = bigbench.build(tmp_path / "data", ["mixed", "mostly_long"], test_size=20, seed=0, fits=fits)
+    assert "75 of its 150 usable examples fit the cut-off whole, fewer than 100" in bigbench.skipped(out)["mostly_long"]
+    recs = [r for s in ("train", "test") for r in json.loads((out / f"mixed_{s}.json").read_text())]
+    assert len(recs) == 120 and not any("word word" in r["prompt"] for r in recs)
+    from transformers import AutoTokenizer
+
+    from dnd_jax.assets import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(c.collect.model))
+    assert max(len(encode_sft_example(tok, r, 1 << 30)[0]) for r in recs) <= 512
+
+
 # --- the real pool, from the cached sdist -----------------------------------------------------------------
 
 

@@ -266,12 +266,20 @@ def non_ascii_share(recs: list[dict], sample: int = 500) -> float:
     return sum(not ch.isascii() for ch in letters) / max(len(letters), 1)
 
 
-def usable_records(task: dict, name: str, max_choices: int = 4, min_examples: int = MIN_EXAMPLES) -> list[dict]:
+def usable_records(task: dict, name: str, max_choices: int = 4, min_examples: int = MIN_EXAMPLES,
+                   fits=None) -> list[dict]:  # fmt: skip
     """`to_records`, or DndError with the reason the task cannot be used: no usable example, fewer than
-    `min_examples` of them, or text that is not English (more than NON_ENGLISH of its letters non-ASCII)."""
+    `min_examples` of them, or text that is not English (more than NON_ENGLISH of its letters non-ASCII).
+    `fits(record) -> bool`: keep only the examples it accepts (whole examples within the collection's cut-off)."""
     if not task.get("examples"):
         raise DndError(f"BIG-bench task {name}: no examples (a parent of subtasks?)")
     recs = to_records(task, name, max_choices)
+    if fits is not None:
+        kept = [r for r in recs if fits(r)]
+        if len(kept) < min_examples:
+            raise DndError(f"BIG-bench task {name}: {len(kept)} of its {len(recs)} usable examples fit the cut-off "
+                           f"whole, fewer than {min_examples}")  # fmt: skip
+        recs = kept
     if len(recs) < min_examples:
         raise DndError(f"BIG-bench task {name}: {len(recs)} usable examples, fewer than {min_examples}")
     share = non_ascii_share(recs)
@@ -281,7 +289,7 @@ def usable_records(task: dict, name: str, max_choices: int = 4, min_examples: in
 
 
 def build(out_dir: str | Path, tasks: list[str], test_size: int, seed: int = 0, max_train: int | None = None,
-          max_choices: int = 4, min_examples: int = MIN_EXAMPLES) -> Path:  # fmt: skip
+          max_choices: int = 4, min_examples: int = MIN_EXAMPLES, fits=None) -> Path:  # fmt: skip
     """Writes the tasks as a data directory (dataset_info.json + splits); skips when already built.
 
     A task that cannot be used (see `usable_records`) is left out with one printed line, and recorded with
@@ -295,6 +303,7 @@ def build(out_dir: str | Path, tasks: list[str], test_size: int, seed: int = 0, 
       max_train: cap on training items per task.
       max_choices: keep multiple-choice examples with 2..max_choices options (at most 8).
       min_examples: fewest usable examples (after dropping repeated generative prompts) a task needs.
+      fits: None, or record -> bool: examples it rejects are dropped before the split (`whole_examples`).
 
     Returns:
       out_dir.
@@ -311,7 +320,7 @@ def build(out_dir: str | Path, tasks: list[str], test_size: int, seed: int = 0, 
         cols = {"prompt": "prompt", "response": "response", "system": "system"}
         for t in tasks:
             try:
-                recs = usable_records(parsed[t], t, max_choices, min_examples)
+                recs = usable_records(parsed[t], t, max_choices, min_examples, fits)
             except DndError as e:
                 left_out[t] = str(e).removeprefix(f"BIG-bench task {t}: ")
                 print(f"BIG-bench task {t}: skipped ({left_out[t]})", flush=True)
@@ -337,3 +346,17 @@ def skipped(data_dir: str | Path) -> dict[str, str]:
 def task_name(task: str) -> str:
     """The dataset name of a BIG-bench task ("a/b" -> "a-b")."""
     return task.replace("/", "-")
+
+
+def whole_examples(model: str, cutoff_len: int):
+    """record -> bool: whether the chat-formatted example (`lm.encode_sft_example`) fits `cutoff_len` tokens of
+    `model`'s tokenizer whole. Collection and scoring cut longer ones (the prompt from its end first, LLaMA-Factory's
+    rule), which can cut away the question a long generative prompt ends with; dropping them keeps every example
+    intact."""
+    import transformers
+
+    from dnd_jax.assets import resolve_model
+    from dnd_jax.lm import encode_sft_example
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model(model))
+    return lambda rec: len(encode_sft_example(tok, rec, 1 << 30)[0]) <= cutoff_len

@@ -49,7 +49,8 @@ def build_data(c) -> None:
 
     e, out = c.experiment, Path(c.data.prompts_dir)
     if e.bigbench_tasks:
-        bigbench.build(out, list(e.bigbench_tasks), e.test_size, c.seed, e.max_train, e.max_choices)
+        fits = bigbench.whole_examples(c.collect.model, c.collect.cutoff_len) if e.get("whole_examples") else None
+        bigbench.build(out, list(e.bigbench_tasks), e.test_size, c.seed, e.max_train, e.max_choices, fits=fits)
     if e.commonsense_tasks and Path(e.commonsense_dir).is_dir():
         link_datasets(out, Path(e.commonsense_dir), list(e.commonsense_tasks))
 
