@@ -160,6 +160,10 @@ def get_config(arg=None):
     # Few-shot LoRA baseline: N > 0 replaces the generator by a LoRA collected (same recipe) on the first N
     # labelled examples of each held-out task's train split (configs/ablations/fewshot.py); 0 = the generator.
     c.experiment.shots = 0
+    # A baseline arm instead of a generator: "soft_retrieval" (the softmax(cos / tau)-weighted mean of the training
+    # tasks' tokens, tau by leave-one-task-out inside the fold's training tasks from soft_taus); "" = the generator.
+    c.experiment.baseline = ""
+    c.experiment.soft_taus = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 10.0)
     c.pipeline.deviations = (
         *base.SMOLLM2_DEVIATIONS,
         "Many-task cross-validation instead of the paper's leave-one-out on 7 sets: BIG-bench tasks "

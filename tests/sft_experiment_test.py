@@ -64,3 +64,26 @@ def test_report_section_shows_fits_the_heldout_curve_and_sft_vs_mt_lora(tmp_path
     assert "| sft | 0.400 / 0.500 | 0.400 / 1.500 |" in lines and "| mt_lora | 0.600 / 0.700 | 0.600 / 1.700 |" in lines
     assert "| 10 | 0.5000 | 0.7000 |" in lines
     assert sft_section(cv, ["dnd"], nll, None, 10, 0, 0.01) == []
+
+
+def test_soft_retrieval_tau_is_chosen_inside_the_training_tasks():
+    """Two clusters of tasks whose prompts and tokens agree: a small tau (near-hard retrieval) predicts each task
+    from its cluster; with prompts unrelated to the tokens, a large tau (the mean control) wins."""
+    from dnd_jax.experiments.baselines import choose_tau, soft_weights
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((2, 16))
+    names = [f"t{i}" for i in range(8)]
+    emb, means = {}, {}
+    for i, n in enumerate(names):
+        e = centres[i % 2] + 0.05 * rng.standard_normal(16)
+        e /= np.linalg.norm(e)
+        emb[n] = {"train": e, "test": e}
+        means[n] = np.full((3, 2, 2), float(i % 2)) + 0.01 * rng.standard_normal((3, 2, 2))
+    taus = (0.01, 0.1, 1.0, 10.0)
+    tau, err = choose_tau(emb, names, means, taus)
+    assert tau <= 0.1 and err[tau] < err[10.0] / 100  # (0.1 averages its cluster: less noise than 0.01)
+    w = soft_weights(emb, "t0", names[1:], 0.01)
+    assert abs(w.sum() - 1) < 1e-12 and w[[1, 3, 5]].sum() > 0.999  # t2, t4, t6: t0's cluster
+    unrelated = {n: rng.standard_normal((3, 2, 2)) for n in names}  # tokens that owe nothing to the prompts
+    assert choose_tau(emb, names, unrelated, taus)[0] == 10.0

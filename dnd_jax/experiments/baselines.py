@@ -67,3 +67,27 @@ def last_checkpoint_in(root: Path, task: str) -> Path:
     if not steps:
         raise DndError(f"{Path(root) / task}: no checkpoints")
     return steps[-1]
+
+
+def soft_weights(emb: dict, query: str, pool: list[str], tau: float) -> np.ndarray:
+    """softmax(cos / tau) of `query`'s test prompts against each pool task's train prompts (embedding means)."""
+    sims = np.array([float(emb[query]["test"] @ emb[t]["train"]) for t in pool])
+    z = sims / tau
+    w = np.exp(z - z.max())
+    return w / w.sum()
+
+
+def choose_tau(emb: dict, train: list[str], means: dict[str, np.ndarray], taus) -> tuple[float, dict]:
+    """Soft retrieval's temperature by leave-one-task-out inside the training tasks only: each training task's mean
+    tokens predicted from the others' (weights from its test prompts, as a held-out task's are), the tau of the
+    lowest mean squared token error (ties: the larger). Large tau is the mean control; small tau is hard retrieval."""
+    err = {}
+    for tau in taus:
+        losses = []
+        for u in train:
+            rest = [t for t in train if t != u]
+            w = soft_weights(emb, u, rest, tau)
+            pred = sum(wi * means[t] for wi, t in zip(w, rest, strict=True))
+            losses.append(float(np.mean((pred - means[u]) ** 2)))
+        err[float(tau)] = float(np.mean(losses))
+    return min(err, key=lambda t: (err[t], -t)), err  # a tie goes to the larger tau: nearer the control

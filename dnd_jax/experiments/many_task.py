@@ -178,6 +178,8 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
     vdir = cv / e.variant
     if e.get("shots", 0):
         return _run_fewshot(c, workdir, cv, vdir, folds, held, stages, until, report_dir)
+    if e.get("baseline", "") == "soft_retrieval":
+        return _run_soft_retrieval(c, workdir, cv, vdir, folds, held, stages, until, report_dir)
     if e.get("train_tasks", 0):
         folds = [arm_fold(c, f, vdir) for f in folds]
     troot = cv / (e.train_variant or e.variant)
@@ -278,6 +280,47 @@ def _run_fewshot(c, workdir, cv, vdir, folds, held, stages, until, report_dir):
 
     stages.run(f"evaluate/{c.experiment.variant}",
                lambda: evaluate_stage(c, cv, vdir, folds, held, generated, seeds),
+               done=evaluated(c, cv, vdir, folds, held, seeds))  # fmt: skip
+    if until == "evaluate":
+        return None
+    return _report(c, workdir, cv, held, stages, report_dir)
+
+
+def _run_soft_retrieval(c, workdir, cv, vdir, folds, held, stages, until, report_dir):
+    """The soft-retrieval baseline arm: per fold, tau by cross-validation inside the training tasks; per held-out
+    task, the softmax(cos / tau)-weighted mean of the training tasks' mean tokens, detokenized; scored as an adapter."""
+    from dnd_jax.data.prepare import open_token_set
+    from dnd_jax.experiments.baselines import choose_tau, soft_weights
+
+    e, info_path = c.experiment, vdir / "soft_retrieval.json"
+
+    def build():
+        raw = np.load(workdir / "embeddings.npz")
+        names = sorted({t for f in folds for t in (*f["train"], *f["heldout"])})
+        emb = {n: {sp: raw[f"{n}|{sp}"] for sp in ("train", "test")} for n in names}
+        token_dir = Path(c.data.token_dir)
+        layout = open_token_set(token_dir / names[0], c.data.real_length).layout
+        means = {t: mean_tokens(token_dir, [t], c.data.real_length) for t in names}
+        info = {}
+        for f in folds:
+            tau, err = choose_tau(emb, f["train"], means, e.soft_taus)
+            for t in f["heldout"]:
+                w = soft_weights(emb, t, f["train"], tau)
+                tokens = sum(wi * means[u] for wi, u in zip(w, f["train"], strict=True)).astype(np.float32)
+                save_tokens_adapter(tokens, layout, seed_dir(vdir, f["fold"], 0) / "generated" / t / "adapter-0")
+                top = sorted(zip(w.tolist(), f["train"], strict=True), reverse=True)[:3]
+                info[t] = {"fold": f["fold"], "tau": tau, "cv_error": err, "top": [[u, wi] for wi, u in top]}
+        write_json(info_path, info)
+
+    stages.run(f"adapters/{e.variant}", build, done=info_path.is_file())
+    if until in ("train", "adapters"):
+        return None
+    seeds = ["soft"]
+
+    def generated(t, f):
+        return dict(adapters={"soft": [seed_dir(vdir, f["fold"], 0) / "generated" / t / "adapter-0"]})
+
+    stages.run(f"evaluate/{e.variant}", lambda: evaluate_stage(c, cv, vdir, folds, held, generated, seeds),
                done=evaluated(c, cv, vdir, folds, held, seeds))  # fmt: skip
     if until == "evaluate":
         return None

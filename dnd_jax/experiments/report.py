@@ -81,6 +81,10 @@ def _variant_desc(cv: Path, v: str, per: dict) -> str:
     seeds = st.get("seeds", [])
     if v.startswith("fewshot-"):
         return f"{v} (not generated: LoRAs collected on {v.split('-', 1)[1]} labelled examples of each held-out task)"
+    if (cv / v / "soft_retrieval.json").is_file():
+        taus = sorted({x["tau"] for x in json.loads((cv / v / "soft_retrieval.json").read_text()).values()})
+        return (f"{v} (not generated: the softmax(cos / tau)-weighted mean of the training tasks' tokens, tau "
+                f"{', '.join(f'{t:g}' for t in taus)} chosen per fold inside its training tasks)")  # fmt: skip
     own = sorted((cv / v).glob("fold-0/seed-*/train/config.json"))
     scored = f"{st.get('num_adapters', '?')} adapter(s) per task and seed, condition {st.get('condition', '?')}"
     if not own:
@@ -144,7 +148,7 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
                                                               "are within noise of")  # fmt: skip
         verdict_r = "beat" if st["retrieval"]["ci"][0] > 0 else ("lose to" if st["retrieval"]["ci"][1] < 0 else
                                                                   "are within noise of")  # fmt: skip
-        L.append(f"- **{v}**: the generated adapters {verdict} the prompt-blind control and {verdict_r} retrieval "
+        L.append(f"- **{v}**: its adapters {verdict} the prompt-blind control and {verdict_r} retrieval "
                  "(95 % CIs above).")  # fmt: skip
     have_ans = [t for t in names if not np.isnan(ans["base"][names.index(t)])]
     if have_ans and vnames:
