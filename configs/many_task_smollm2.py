@@ -163,6 +163,9 @@ def get_config(arg=None):
     # A baseline arm instead of a generator: "soft_retrieval" (the softmax(cos / tau)-weighted mean of the training
     # tasks' tokens, tau by leave-one-task-out inside the fold's training tasks from soft_taus); "" = the generator.
     c.experiment.baseline = ""
+    # Prompt swap: each held-out task's adapters also made from another held-out task's prompts (a seeded
+    # derangement within the fold) and scored on its own items; swapped - own is whether the generator uses them.
+    c.experiment.prompt_swap = False
     c.experiment.soft_taus = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 10.0)
     c.pipeline.deviations = (
         *base.SMOLLM2_DEVIATIONS,

@@ -163,6 +163,8 @@ def get_config(arg=None):
     if not smoke:
         c.collect.cutoff_len = 512
         c.experiment.whole_examples = True
+    # Every generator variant is also scored with swapped prompts (own vs swapped: does it use them).
+    c.experiment.prompt_swap = True
     # Primary metric only: the "ll" and "gen" protocols score lettered options, which generative tasks lack.
     c.experiment.secondary = ()
     c.pipeline.deviations = (

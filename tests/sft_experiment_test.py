@@ -87,3 +87,16 @@ def test_soft_retrieval_tau_is_chosen_inside_the_training_tasks():
     assert abs(w.sum() - 1) < 1e-12 and w[[1, 3, 5]].sum() > 0.999  # t2, t4, t6: t0's cluster
     unrelated = {n: rng.standard_normal((3, 2, 2)) for n in names}  # tokens that owe nothing to the prompts
     assert choose_tau(emb, names, unrelated, taus)[0] == 10.0
+
+
+def test_prompt_swap_partners_are_a_seeded_derangement():
+    from dnd_jax.experiments.generation import swap_partners
+
+    for n in range(2, 9):
+        tasks = [f"t{i}" for i in range(n)]
+        p = swap_partners(tasks, 999)
+        assert sorted(p) == tasks and sorted(p.values()) == tasks and all(p[t] != t for t in tasks)
+        assert p == swap_partners(list(reversed(tasks)), 999)  # the fold's order does not matter
+    assert swap_partners([f"t{i}" for i in range(6)], 999) != swap_partners([f"t{i}" for i in range(6)], 1000)
+    with pytest.raises(DndError, match="at least 2 held-out tasks"):
+        swap_partners(["t0"], 999)

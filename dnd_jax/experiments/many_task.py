@@ -221,7 +221,9 @@ def run_experiment(config, workdir: str | Path, until: str = "report", report_di
 
         def generated(t, f):
             made = {str(s): sorted((gen_root(f, s) / t).glob("adapter-*")) for s in seeds}
-            return dict(adapters=made, extra=extra.get(f["fold"]))
+            swapped = {str(s): sorted((gen_root(f, s) / t / "swapped").glob("adapter-*")) for s in seeds}
+            return dict(adapters=made, extra=extra.get(f["fold"]),
+                        swapped=swapped if e.get("prompt_swap", False) else None)  # fmt: skip
 
         evaluate_stage(c, cv, vdir, folds, held, generated, seeds)
 

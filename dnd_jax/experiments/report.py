@@ -28,6 +28,7 @@ from dnd_jax.experiments.tables import (
     collect_scores,
     comparison_table,
     seed_lists,
+    swapped_table,
     table,
     task_mean,
 )
@@ -150,6 +151,16 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
                                                                   "are within noise of")  # fmt: skip
         L.append(f"- **{v}**: its adapters {verdict} the prompt-blind control and {verdict_r} retrieval "
                  "(95 % CIs above).")  # fmt: skip
+    swaps = swapped_table(variants, names, *NLL)
+    if swaps:
+        L.append("\nPrompt swap: each held-out task's adapter also made from another held-out task's prompts (a "
+                 "seeded derangement within the fold; the same generator and seed) and scored on the task's own "
+                 "items. Swapped minus own NLL per token (positive: its own prompts help):\n")  # fmt: skip
+        for v, sw in swaps.items():
+            d = paired(nll[f"generated:{v}"], sw, nb, seed, TIE, groups)
+            noise = " (within noise)" if d["ci"][0] <= 0 <= d["ci"][1] else ""
+            L.append(f"- **{v}**: {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
+                     f"({d['wins']}/{d['ties']}/{d['losses']}){noise}")  # fmt: skip
     have_ans = [t for t in names if not np.isnan(ans["base"][names.index(t)])]
     if have_ans and vnames:
         L.append(f"\n## Secondary: answer-only NLL ({len(have_ans)} multiple-choice tasks)\n")

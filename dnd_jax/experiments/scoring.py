@@ -35,7 +35,8 @@ def variant_settings(c, seeds: list) -> dict:
     e = c.experiment
     return {"limit": e.limit, "secondary": list(e.secondary), "secondary_limit": e.secondary_limit,
             "num_adapters": e.num_adapters, "seeds": [str(s) for s in seeds], "steps": c.train.steps,
-            "condition": c.data.get("condition", "prompts")}  # fmt: skip
+            "condition": c.data.get("condition", "prompts"),
+            **({"prompt_swap": True} if e.get("prompt_swap", False) else {})}  # fmt: skip
 
 
 def up_to_date(path: Path, settings: dict) -> bool:
@@ -61,7 +62,7 @@ def score_shared(scorer, c, task: str, plan: dict, dest: Path) -> None:
 
 
 def score_generated(scorer, c, task: str, plan: dict, adapters: dict[str, list[Path]], dest: Path,
-                    settings: dict, extra: dict | None = None) -> None:  # fmt: skip
+                    settings: dict, extra: dict | None = None, swapped: dict | None = None) -> None:  # fmt: skip
     """Scores a variant's adapters of one task, per generator seed ({seed: [adapter dirs]}), and `extra`
     {row: adapter dir} -> dest {"task", "items", "settings", "generated": {seed: [scores]}, row: scores}."""
     recs = scored_records(c, task, plan)
@@ -74,4 +75,7 @@ def score_generated(scorer, c, task: str, plan: dict, adapters: dict[str, list[P
         "generated": {s: [score_adapter(scorer, a, recs, c) for a in paths] for s, paths in adapters.items()},
     }
     res.update({row: score_adapter(scorer, a, recs, c) for row, a in (extra or {}).items()})
+    if swapped:  # adapters from another held-out task's prompts (prompt swap), primary metric only
+        res["swapped"] = {s: [score_adapter(scorer, a, recs, c, secondary=False) for a in paths]
+                          for s, paths in swapped.items()}  # fmt: skip
     write_json(dest, res)

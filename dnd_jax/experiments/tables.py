@@ -69,6 +69,16 @@ def table(shared: dict, variants: dict, names: list[str], proto: str, name: str,
     return out
 
 
+def swapped_table(variants: dict, names: list[str], proto: str, name: str) -> dict[str, np.ndarray]:
+    """{variant: [tasks, seeds]} of the prompt-swap adapters' metric, for variants whose every task has them."""
+    out = {}
+    for v, per in variants.items():
+        if all("swapped" in per[t] for t in names):
+            out[v] = np.asarray([[float(np.mean([_metric(x, proto, name) for x in adapters]))
+                                  for adapters in per[t]["swapped"].values()] for t in names])  # fmt: skip
+    return out
+
+
 def task_mean(x: np.ndarray) -> np.ndarray:
     """Per-task values: a [tasks, seeds] row averaged over its seeds."""
     return x.mean(1) if x.ndim == 2 else x
