@@ -166,6 +166,11 @@ def get_config(arg=None):
     # Prompt swap: each held-out task's adapters also made from another held-out task's prompts (a seeded
     # derangement within the fold) and scored on its own items; swapped - own is whether the generator uses them.
     c.experiment.prompt_swap = False
+    # The report's first lines answer the decisive question (dnd_jax/experiments/decisive.py): every generator vs the
+    # best prompt-blind baseline per task (the control or the blind_variant) and the soft_variant, with its swap.
+    c.experiment.decisive = False
+    c.experiment.blind_variant = "mt_lora"
+    c.experiment.soft_variant = "soft_retrieval"
     c.experiment.soft_taus = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 10.0)
     c.pipeline.deviations = (
         *base.SMOLLM2_DEVIATIONS,

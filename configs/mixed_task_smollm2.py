@@ -165,6 +165,9 @@ def get_config(arg=None):
         c.experiment.whole_examples = True
     # Every generator variant is also scored with swapped prompts (own vs swapped: does it use them).
     c.experiment.prompt_swap = True
+    # The primary comparison, fixed here before any run: the report opens with each generator vs the best
+    # prompt-blind baseline per task (mean control or mt_lora) and vs soft retrieval, and its prompt swap.
+    c.experiment.decisive = True
     # Primary metric only: the "ll" and "gen" protocols score lettered options, which generative tasks lack.
     c.experiment.secondary = ()
     c.pipeline.deviations = (

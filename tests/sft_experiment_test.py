@@ -100,3 +100,30 @@ def test_prompt_swap_partners_are_a_seeded_derangement():
     assert swap_partners([f"t{i}" for i in range(6)], 999) != swap_partners([f"t{i}" for i in range(6)], 1000)
     with pytest.raises(DndError, match="at least 2 held-out tasks"):
         swap_partners(["t0"], 999)
+
+
+def test_decisive_headline_compares_with_the_best_prompt_blind_row_per_task():
+    import ml_collections
+
+    from dnd_jax.experiments.decisive import headline
+
+    e = ml_collections.ConfigDict({"blind_variant": "mt_lora", "soft_variant": "soft_retrieval"})
+    n = 8
+    control = np.linspace(1.0, 2.0, n)
+    mt = control[::-1].copy()  # mt_lora better on half the tasks
+    best = np.minimum(control, mt)
+    nll = {"control": control, "generated:mt_lora": mt[:, None], "generated:soft_retrieval": (best + 0.5)[:, None],
+           "generated:sft": np.stack([best - 0.1, best - 0.1], 1)}  # fmt: skip
+    swaps = {"sft": np.stack([best + 0.3, best + 0.3], 1)}
+    groups = np.arange(n) % 2
+    lines = "\n".join(headline(e, ["mt_lora", "soft_retrieval", "sft"], nll, swaps, groups, 200, 0, 0.01))
+    assert "the control on 4 of 8 tasks" in lines
+    assert "**sft** beats the best prompt-blind baseline (+0.1000 [+0.1000, +0.1000], 8/0/0)" in lines
+    assert "beats soft retrieval (+0.6000" in lines and "swapping its prompts makes it worse (+0.4000" in lines
+    worse = {**nll, "generated:sft": np.stack([best + 0.2, best + 0.2], 1)}
+    assert "**sft** loses to the best prompt-blind baseline" in "\n".join(
+        headline(e, ["mt_lora", "soft_retrieval", "sft"], worse, {}, groups, 200, 0, 0.01)
+    )
+    assert "Not answered yet: no scores of soft_retrieval" in "\n".join(
+        headline(e, ["mt_lora", "sft"], nll, swaps, groups, 200, 0, 0.01)
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dnd_jax.experiments.decisive import headline
 from dnd_jax.experiments.sft_report import sft_section
 from dnd_jax.experiments.stats import paired
 from dnd_jax.experiments.tables import (
@@ -139,6 +140,9 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
          f"{'/'.join(str(x) for x in seeds)} seed(s); per resample, each fold's seeds are redrawn with replacement "
          "and shared by the fold's tasks). *per seed vs control* is the mean difference with each seed's "
          "generators alone: the seed-to-seed spread.\n"]  # fmt: skip
+    swaps = swapped_table(variants, names, *NLL)
+    if e.get("decisive", False):
+        L += headline(e, vnames, nll, swaps, groups, nb, seed, TIE)
     L.append("## Primary comparison (NLL per response token)\n")
     rows, stats = comparison_table(nll, vnames, groups, nb, seed, "control -> own LoRA")
     L += rows
@@ -151,7 +155,6 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
                                                                   "are within noise of")  # fmt: skip
         L.append(f"- **{v}**: its adapters {verdict} the prompt-blind control and {verdict_r} retrieval "
                  "(95 % CIs above).")  # fmt: skip
-    swaps = swapped_table(variants, names, *NLL)
     if swaps:
         L.append("\nPrompt swap: each held-out task's adapter also made from another held-out task's prompts (a "
                  "seeded derangement within the fold; the same generator and seed) and scored on the task's own "
