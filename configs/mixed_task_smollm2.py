@@ -168,8 +168,9 @@ def get_config(arg=None):
     # The primary comparison, fixed here before any run: the report opens with each generator vs the best
     # prompt-blind baseline per task (mean control or mt_lora) and vs soft retrieval, and its prompt swap.
     c.experiment.decisive = True
-    # Primary metric only: the "ll" and "gen" protocols score lettered options, which generative tasks lack.
-    c.experiment.secondary = ()
+    # Secondary: exact match of the greedy answer ("em"; "ll" and "gen" score lettered options, which generative
+    # tasks lack), on the first secondary_limit scored items.
+    c.experiment.secondary = ("em",)
     c.pipeline.deviations = (
         *c.pipeline.deviations,
         "Mixed answer formats: multiple-choice tasks answer '[C]' under a shared system prompt; generative "

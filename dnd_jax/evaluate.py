@@ -13,6 +13,7 @@ load_adapter / set_adapter / delete_adapter), never reloading the model. Protoco
   gen  the original DnD protocol (spec §6.3): chat template + the dataset's system prompt, greedy
        decoding, the answer parsed from the first 20 characters; unparseable outputs are counted
        as format failures (and as wrong).
+  em   exact match of the greedy answer's first line with any acceptable target, normalised (generative tasks).
   nll  the gold response's mean NLL per token in the chat format the LoRAs were trained on, and
        nll_answer, the NLL summed over the answer's own tokens ("C" of "[C]") per item (lower is
        better).
@@ -30,11 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from dnd_jax.errors import DndError, run_cli
+from dnd_jax.protocols.em import score_em
 from dnd_jax.protocols.gen import score_gen
 from dnd_jax.protocols.ll import check_records, score_ll
 from dnd_jax.protocols.nll import response_nll
 
-PROTOCOLS = ("ll", "gen", "nll")
+PROTOCOLS = ("ll", "gen", "nll", "em")
 KINDS = ("heldout", "control", "retrieval", "training", "generated")
 
 
@@ -103,6 +105,8 @@ class Scorer:
                 res["gen"] = score_gen(model, self.tok, records, self.batch_size, self.device)
             if "nll" in protocols:
                 res["nll"] = response_nll(model, self.tok, records, self.batch_size, self.device, self.cutoff_len)
+            if "em" in protocols:
+                res["em"] = score_em(model, self.tok, records, self.batch_size, self.device)
         return res
 
 

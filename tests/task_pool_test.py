@@ -57,7 +57,7 @@ def test_pool_size_formats_and_families():
     assert fam["SIQA"] == fam["social_iqa"] and fam["WinoGrande"] == fam[
         "natural_instructions-subtask033_winogrande_answer_generation"]  # fmt: skip
     assert fam["unit_conversion-unit_identification"] == fam["unit_conversion-unit_addition_general"]
-    assert e.split == "family" and e.secondary == ()
+    assert e.split == "family" and e.secondary == ("em",)
     assert pool.get_config("random").experiment.split == "random"
     with pytest.raises(ValueError, match="unknown config argument"):
         pool.get_config("famliy")

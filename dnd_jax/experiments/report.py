@@ -184,7 +184,8 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
            "own LoRA vs control": paired(nll["own"], nll["control"], nb, seed, TIE)}  # fmt: skip
     L.append("\nFor context, the same paired statistic between baselines (tasks resampled):\n")
     L += [f"- {k}: {_fmt_ci(d)} ({d['wins']}/{d['ties']}/{d['losses']})" for k, d in ctx.items()]
-    sec = [(p, m) for p in ("ll", "gen") if p in e.secondary for m in (("acc", "acc_norm") if p == "ll" else ("acc",))]
+    metrics = {"ll": ("acc", "acc_norm"), "gen": ("acc",), "em": ("em",)}
+    sec = [(p, m) for p in metrics if p in e.secondary for m in metrics[p]]
     have = {v: per for v, per in variants.items()
             if all(p in x for t in names for xs in seed_lists(per[t]).values()
                    for x in xs for p, _ in sec)}  # fmt: skip
@@ -192,8 +193,9 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
         L.append(f"\n## Secondary: accuracy on the first {e.secondary_limit} scored items of each task (%)\n")
         L.append("`ll`: log-likelihood with lm-eval's generic template (`Question: ...\\nAnswer:` + ` choice`; "
                  "acc_norm divides by len(choice) as lm-eval); `gen`: the DnD generation protocol (greedy, answer "
-                 "parsed from the first 20 characters, format failures count as wrong). The sampled training LoRAs "
-                 "are scored on the primary metric only.\n")  # fmt: skip
+                 "parsed from the first 20 characters, format failures count as wrong); `em`: exact match of the "
+                 "greedy answer's first line with any acceptable target, normalised (generative tasks). The sampled "
+                 "training LoRAs are scored on the primary metric only.\n")  # fmt: skip
         vsec = list(have)
         acc = {f"{p}/{m}": table(shared, have, names, p, m, skip=("training",)) for p, m in sec}
         L.append("| row | " + " | ".join(acc) + " |\n|---|" + "---|" * len(acc))

@@ -49,8 +49,10 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return max(n, 0)
 
 
-def generate_batch(model, tok, seqs: list[list[int]], max_new_tokens: int, device: str) -> list[str]:
-    """Greedy generations for token-id prompts, decoded, stopped once the parser has enough text.
+def generate_batch(model, tok, seqs: list[list[int]], max_new_tokens: int, device: str,
+                   chars: int = PARSED_CHARS + 4) -> list[str]:  # fmt: skip
+    """Greedy generations for token-id prompts, decoded, stopped once every row has `chars` characters (what the
+    parser reads, +4) or at EOS.
 
     The prompts' longest common token prefix (the chat template and system prompt) runs once and its
     KV cache is shared by every row; each row's own tokens follow it after padding that the
@@ -75,7 +77,7 @@ def generate_batch(model, tok, seqs: list[list[int]], max_new_tokens: int, devic
             cache = output_cache(model(input_ids=ids[:1, :p].to(device), use_cache=True, logits_to_keep=1))
         cache.reorder_cache(torch.zeros(len(seqs), dtype=torch.long, device=device))
         kw[cache_name(model)] = cache
-    stop = StoppingCriteriaList([_EnoughText(tok, width)])
+    stop = StoppingCriteriaList([_EnoughText(tok, width, chars)])
     with torch.no_grad():
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, stopping_criteria=stop, pad_token_id=pad, **kw)  # fmt: skip
