@@ -166,8 +166,9 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict:
         with workdir_lock(workdir, "train") if jax.process_index() == 0 else contextlib.nullcontext():
             return _setup_and_run(config, workdir, devices)
     except DndError:
-        left = {p.name for p in workdir.iterdir()} if created else None
-        if created and jax.process_index() == 0 and left <= {".lock", "control_tokens.npy"}:
+        from dnd_jax.objectives.sft import CONTROL_FILE
+
+        if created and jax.process_index() == 0 and {p.name for p in workdir.iterdir()} <= {".lock", CONTROL_FILE}:
             shutil.rmtree(workdir, ignore_errors=True)  # a run that failed in its set-up leaves nothing behind
         raise
 

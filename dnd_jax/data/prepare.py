@@ -170,6 +170,13 @@ def check_same_init(sets: list[TokenSet], allow: bool = False) -> None:
                        "inits: re-collect one, or set config data.allow_mixed_init=True")  # fmt: skip
 
 
+def pooled_mean(sets: list[TokenSet]) -> np.ndarray:
+    """[T, R, K] float32: the mean over every checkpoint of `sets` (each set weighs by its checkpoint count; with
+    equal counts, as one collection recipe gives, the mean of the set means), summed in float64."""
+    total = sum(np.asarray(s.tokens, np.float64).sum(0) for s in sets)
+    return (total / sum(s.tokens.shape[0] for s in sets)).astype(np.float32)
+
+
 def mean_criterion_weight(sets: list[TokenSet]) -> np.ndarray:
     """The training weight: elementwise mean of the training datasets' weight vectors."""
     shapes = {s.tokens.shape[1:] for s in sets}

@@ -10,17 +10,10 @@ from dnd_jax.errors import DndError
 
 
 def mean_tokens(token_dir: Path, tasks: list[str], real_length: int) -> np.ndarray:
-    """The prompt-blind control's tokens: the pooled mean over every checkpoint of `tasks` (each task weighs
-    by its checkpoint count; with equal counts, as one collection recipe gives, the mean of task means)."""
-    from dnd_jax.data.prepare import open_token_set
+    """The prompt-blind control's tokens: the pooled mean over every checkpoint of `tasks` (`prepare.pooled_mean`)."""
+    from dnd_jax.data.prepare import open_token_set, pooled_mean
 
-    total, n = None, 0
-    for t in tasks:
-        s = open_token_set(token_dir / t, real_length)
-        part = np.asarray(s.tokens, np.float64).sum(0)
-        total = part if total is None else total + part
-        n += s.tokens.shape[0]
-    return (total / n).astype(np.float32)
+    return pooled_mean([open_token_set(token_dir / t, real_length) for t in tasks])
 
 
 def save_tokens_adapter(tokens_trk: np.ndarray, layout, out: Path) -> None:
@@ -67,6 +60,12 @@ def last_checkpoint_in(root: Path, task: str) -> Path:
     if not steps:
         raise DndError(f"{Path(root) / task}: no checkpoints")
     return steps[-1]
+
+
+def load_embeddings(path: Path, names: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """The `prompt_embeddings` of `names` as stored in the experiment's embeddings.npz ("<task>|<split>" keys)."""
+    raw = np.load(path)
+    return {n: {sp: raw[f"{n}|{sp}"] for sp in ("train", "test")} for n in names}
 
 
 def soft_weights(emb: dict, query: str, pool: list[str], tau: float) -> np.ndarray:

@@ -9,18 +9,12 @@ import numpy as np
 from dnd_jax.experiments.tables import task_mean
 
 
-def verdict(d: dict, better: str, worse: str) -> str:
-    lo, hi = d["ci"]
-    if lo > 0:
-        return better
-    if hi < 0:
-        return worse
-    return "is within noise of"
-
-
 def headline(e, vnames: list[str], nll: dict, swaps: dict, groups, nb: int, seed: int, tie: float) -> list[str]:
     """Markdown lines; says which rows are still missing instead of comparing without them."""
-    from dnd_jax.experiments.stats import paired
+    from dnd_jax.experiments.stats import paired, verdict
+
+    def compared(d: dict) -> str:
+        return verdict(d, "beats", "loses to", "is within noise of")
 
     blind_v, soft_v = e.blind_variant, e.soft_variant
     generators = [v for v in vnames if v not in (blind_v, soft_v) and not v.startswith("fewshot-")]
@@ -39,15 +33,14 @@ def headline(e, vnames: list[str], nll: dict, swaps: dict, groups, nb: int, seed
         g = nll[f"generated:{v}"]
         d_blind = paired(g, best_blind, nb, seed, tie, groups)
         d_soft = paired(g, soft, nb, seed, tie, groups)
-        line = (f"- **{v}** {verdict(d_blind, 'beats', 'loses to')} the best prompt-blind baseline "
+        line = (f"- **{v}** {compared(d_blind)} the best prompt-blind baseline "
                 f"({d_blind['mean']:+.4f} [{d_blind['ci'][0]:+.4f}, {d_blind['ci'][1]:+.4f}], "
                 f"{d_blind['wins']}/{d_blind['ties']}/{d_blind['losses']}) and "
-                f"{verdict(d_soft, 'beats', 'loses to')} soft retrieval ({d_soft['mean']:+.4f} "
+                f"{compared(d_soft)} soft retrieval ({d_soft['mean']:+.4f} "
                 f"[{d_soft['ci'][0]:+.4f}, {d_soft['ci'][1]:+.4f}])")  # fmt: skip
         if v in swaps:
             d_swap = paired(g, swaps[v], nb, seed, tie, groups)
-            said = ("makes it worse" if d_swap["ci"][0] > 0 else "makes it better" if d_swap["ci"][1] < 0 else
-                    "makes no difference that this run can tell")  # fmt: skip
+            said = verdict(d_swap, "makes it worse", "makes it better", "makes no difference that this run can tell")
             line += (f"; swapping its prompts {said} ({d_swap['mean']:+.4f} "
                      f"[{d_swap['ci'][0]:+.4f}, {d_swap['ci'][1]:+.4f}])")  # fmt: skip
         else:

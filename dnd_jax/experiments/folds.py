@@ -117,7 +117,13 @@ def prepare_folds(c, workdir: Path, names: list[str]) -> list[dict]:
     """Folds, per fold the control adapter and mean tokens, per held-out task the retrieval choice, the
     training-LoRA sample and the test items dropped by the leak check: WORKDIR/cv-*/folds.json (made once)."""
     from dnd_jax.data.prepare import open_token_set
-    from dnd_jax.experiments.baselines import mean_tokens, prompt_embeddings, retrieve, save_tokens_adapter
+    from dnd_jax.experiments.baselines import (
+        load_embeddings,
+        mean_tokens,
+        prompt_embeddings,
+        retrieve,
+        save_tokens_adapter,
+    )
     from dnd_jax.fileio import write_json
 
     cv = cv_dir(c, workdir)
@@ -138,8 +144,7 @@ def prepare_folds(c, workdir: Path, names: list[str]) -> list[dict]:
         with open(emb_path.with_suffix(".tmp.npz"), "wb") as f:
             np.savez(f, **{f"{n}|{sp}": v for n, d in emb.items() for sp, v in d.items()})
         emb_path.with_suffix(".tmp.npz").rename(emb_path)
-    raw = np.load(emb_path)
-    emb = {n: {sp: raw[f"{n}|{sp}"] for sp in ("train", "test")} for n in names}
+    emb = load_embeddings(emb_path, names)
     layout = open_token_set(Path(c.data.token_dir) / names[0]).layout
     out, scored = [], {}
     for f, held in enumerate(folds):

@@ -292,14 +292,13 @@ def _run_soft_retrieval(c, workdir, cv, vdir, folds, held, stages, until, report
     """The soft-retrieval baseline arm: per fold, tau by cross-validation inside the training tasks; per held-out
     task, the softmax(cos / tau)-weighted mean of the training tasks' mean tokens, detokenized; scored as an adapter."""
     from dnd_jax.data.prepare import open_token_set
-    from dnd_jax.experiments.baselines import choose_tau, soft_weights
+    from dnd_jax.experiments.baselines import choose_tau, load_embeddings, soft_weights
 
     e, info_path = c.experiment, vdir / "soft_retrieval.json"
 
     def build():
-        raw = np.load(workdir / "embeddings.npz")
         names = sorted({t for f in folds for t in (*f["train"], *f["heldout"])})
-        emb = {n: {sp: raw[f"{n}|{sp}"] for sp in ("train", "test")} for n in names}
+        emb = load_embeddings(workdir / "embeddings.npz", names)
         token_dir = Path(c.data.token_dir)
         layout = open_token_set(token_dir / names[0], c.data.real_length).layout
         means = {t: mean_tokens(token_dir, [t], c.data.real_length) for t in names}

@@ -17,7 +17,7 @@ import numpy as np
 
 from dnd_jax.experiments.decisive import headline
 from dnd_jax.experiments.sft_report import sft_section
-from dnd_jax.experiments.stats import paired
+from dnd_jax.experiments.stats import paired, verdict, within_noise
 from dnd_jax.experiments.tables import (
     ANSWER,
     NLL,
@@ -149,11 +149,8 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
     L.append("\nCells: mean difference [95 % CI] (wins/ties/losses of the generated adapters).\n")
     for v in vnames:
         st = stats[v]
-        verdict = "beat" if st["control"]["ci"][0] > 0 else ("lose to" if st["control"]["ci"][1] < 0 else
-                                                              "are within noise of")  # fmt: skip
-        verdict_r = "beat" if st["retrieval"]["ci"][0] > 0 else ("lose to" if st["retrieval"]["ci"][1] < 0 else
-                                                                  "are within noise of")  # fmt: skip
-        L.append(f"- **{v}**: its adapters {verdict} the prompt-blind control and {verdict_r} retrieval "
+        said, said_r = (verdict(st[r], "beat", "lose to", "are within noise of") for r in ("control", "retrieval"))
+        L.append(f"- **{v}**: its adapters {said} the prompt-blind control and {said_r} retrieval "
                  "(95 % CIs above).")  # fmt: skip
     if swaps:
         L.append("\nPrompt swap: each held-out task's adapter also made from another held-out task's prompts (a "
@@ -161,7 +158,7 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
                  "items. Swapped minus own NLL per token (positive: its own prompts help):\n")  # fmt: skip
         for v, sw in swaps.items():
             d = paired(nll[f"generated:{v}"], sw, nb, seed, TIE, groups)
-            noise = " (within noise)" if d["ci"][0] <= 0 <= d["ci"][1] else ""
+            noise = " (within noise)" if within_noise(d) else ""
             L.append(f"- **{v}**: {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
                      f"({d['wins']}/{d['ties']}/{d['losses']}){noise}")  # fmt: skip
     have_ans = [t for t in names if not np.isnan(ans["base"][names.index(t)])]

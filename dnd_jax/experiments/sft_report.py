@@ -32,14 +32,15 @@ def last_value(rows: list[dict], key: str) -> float:
 
 def sft_section(cv: Path, vnames: list[str], nll: dict, groups, nb: int, seed: int, tie: float) -> list[str]:
     """Markdown lines (empty when no variant trained through the LM)."""
-    from dnd_jax.experiments.stats import paired
+    from dnd_jax.experiments.stats import paired, within_noise
 
-    lm = [v for v in vnames if objective(cv, v) in LM_OBJECTIVES]
+    objectives = {v: objective(cv, v) for v in vnames}
+    lm = [v for v in vnames if objectives[v] in LM_OBJECTIVES]
     if not lm:
         return []
     L = ["\n## SFT mode: trained through the frozen LM\n",
          "Variants trained on the tasks' own response NLL through SmolLM2 (`train.objective`): "
-         + ", ".join(f"{v} ({objective(cv, v)})" for v in lm) + ". `mt_lora` is the prompt-blind counterpart: "
+         + ", ".join(f"{v} ({objectives[v]})" for v in lm) + ". `mt_lora` is the prompt-blind counterpart: "
          "one LoRA per fold trained with the same loss, steps, batches and examples on the fold's training tasks. "
          "A generator that beats the control only because SFT beats averaging does not beat mt_lora.\n"]  # fmt: skip
     if "mt_lora" in lm:
@@ -47,7 +48,7 @@ def sft_section(cv: Path, vnames: list[str], nll: dict, groups, nb: int, seed: i
             d = paired(nll[f"generated:{v}"], nll["generated:mt_lora"], nb, seed, tie, groups)
             L.append(f"- **{v} vs mt_lora** (NLL per response token, positive = {v} better): {d['mean']:+.4f} "
                      f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] ({d['wins']}/{d['ties']}/{d['losses']})"
-                     + (" within noise" if d["ci"][0] <= 0 <= d["ci"][1] else ""))  # fmt: skip
+                     + (" within noise" if within_noise(d) else ""))  # fmt: skip
     L.append("\nFit at the end of training (mean response NLL per token on fixed batches: `trainfit` = the run's "
              "own training tasks, `heldout` = the fold's first held-out task, its train split), per fold, mean "
              "over seeds:\n")  # fmt: skip

@@ -99,3 +99,14 @@ def _ratio(c, g, o):
     gap = c - o
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(gap > 0, (c - g) / np.where(gap > 0, gap, 1.0), np.nan)
+
+
+def within_noise(d: dict) -> bool:
+    """Whether a `paired` result's CI includes zero (no difference measured)."""
+    return d["ci"][0] <= 0 <= d["ci"][1]
+
+
+def verdict(d: dict, better: str, worse: str, within: str) -> str:
+    """`better` when a `paired` result's CI is above zero, `worse` when below, `within` when it includes zero."""
+    lo, hi = d["ci"]
+    return better if lo > 0 else worse if hi < 0 else within

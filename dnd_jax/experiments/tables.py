@@ -47,9 +47,14 @@ def seed_lists(score: dict) -> dict[str, list[dict]]:
     return {"-": gen} if isinstance(gen, list) else gen  # a list: one unnamed seed (score files of older runs)
 
 
+def _per_seed(by_seed: dict[str, list[dict]], proto: str, name: str) -> list[float]:
+    """{seed: [adapter scores]} -> one metric per seed, each the mean over that seed's adapters."""
+    return [float(np.mean([_metric(x, proto, name) for x in adapters])) for adapters in by_seed.values()]
+
+
 def seed_values(score: dict, proto: str, name: str) -> list[float]:
     """A variant's per-seed value of one metric on one task (each the mean over that seed's adapters)."""
-    return [float(np.mean([_metric(x, proto, name) for x in adapters])) for adapters in seed_lists(score).values()]
+    return _per_seed(seed_lists(score), proto, name)
 
 
 def table(shared: dict, variants: dict, names: list[str], proto: str, name: str, skip=()) -> dict[str, np.ndarray]:
@@ -74,8 +79,7 @@ def swapped_table(variants: dict, names: list[str], proto: str, name: str) -> di
     out = {}
     for v, per in variants.items():
         if all("swapped" in per[t] for t in names):
-            out[v] = np.asarray([[float(np.mean([_metric(x, proto, name) for x in adapters]))
-                                  for adapters in per[t]["swapped"].values()] for t in names])  # fmt: skip
+            out[v] = np.asarray([_per_seed(per[t]["swapped"], proto, name) for t in names])
     return out
 
 

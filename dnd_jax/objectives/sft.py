@@ -58,14 +58,14 @@ def start_at_control(config, workdir: Path) -> None:
 def ensure_control(config, train_sets) -> None:
     """Writes the mean of every training checkpoint's tokens to data.target_offset if it is the workdir's own
     control file and is missing (atomically: a kill leaves no half-written file)."""
+    from dnd_jax.data.prepare import pooled_mean
+    from dnd_jax.fileio import atomic_file
+
     path = Path(config.data.target_offset)
     if path.name != CONTROL_FILE or path.is_file():
         return
-    total = sum(np.asarray(s.tokens, np.float64).sum(0) for s in train_sets)
-    mean = (total / sum(s.tokens.shape[0] for s in train_sets)).astype(np.float32)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, mean)
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        np.save(f, pooled_mean(train_sets))
 
 
 @dataclasses.dataclass
@@ -104,8 +104,6 @@ class SftParts:
     lm: object  # models.causal_lm.CausalLM
     scale: dict  # {tree path: PEFT scale}
     examples: dict  # task -> Examples
-    control: np.ndarray  # [T, R, K] the control's tokens (the offset)
-    length: int  # S
 
 
 def load_parts(config, data) -> SftParts:
@@ -118,25 +116,23 @@ def load_parts(config, data) -> SftParts:
     name = s.get("model", "") or spec.base_model
     if not name:
         raise DndError("config field sft.model is empty and the checkpoints name no base model")
-    lm, tok, cfg = load_causal_lm(name, jnp.dtype(s.compute_dtype))
     if data.offset is None:
         raise DndError("SFT objectives need data.target_offset (the control they start at)")
-    tasks = [*d.train_datasets, d.heldout_dataset]
-    encoded = {}
-    for task in tasks:
-        records = load_split(d.prompts_dir, f"{task}_train")
-        encoded[task] = encode_examples(tok, records, s.cutoff_len, f"{d.prompts_dir}/{task}_train")
-        if len(records) < s.examples:
-            raise DndError(f"{task}: {len(records)} labelled examples in its train split, fewer than "
+    records = {t: load_split(d.prompts_dir, f"{t}_train") for t in [*d.train_datasets, d.heldout_dataset]}
+    for task, recs in records.items():  # what the data cannot fill, before the LM loads
+        if len(recs) < s.examples:
+            raise DndError(f"{task}: {len(recs)} labelled examples in its train split, fewer than "
                            f"sft.examples={s.examples}")  # fmt: skip
-    longest = max(len(x) for enc in encoded.values() for x, _ in enc)
-    length = min(-(-longest // 16) * 16, max(s.cutoff_len, longest))
-    for path in spec_scales(spec):
+    lm, tok, cfg = load_causal_lm(name, jnp.dtype(s.compute_dtype))
+    scale = spec_scales(spec)
+    for path in scale:
         if int(path.split("/")[1]) >= cfg.depth:
             raise DndError(f"checkpoint module {path} is not in {name} ({cfg.depth} layers)")
+    encoded = {t: encode_examples(tok, recs, s.cutoff_len, f"{d.prompts_dir}/{t}_train") for t, recs in records.items()}
+    longest = max(len(x) for enc in encoded.values() for x, _ in enc)
+    length = min(-(-longest // 16) * 16, max(s.cutoff_len, longest))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return SftParts(lm, spec_scales(spec), {t: pad_examples(e, length, pad) for t, e in encoded.items()},
-                    data.offset, length)  # fmt: skip
+    return SftParts(lm, scale, {t: pad_examples(e, length, pad) for t, e in encoded.items()})
 
 
 def prepare(config, data) -> tuple[SftParts, SftSampler]:
@@ -149,7 +145,7 @@ class SftSampler:
     checkpoint's residual tokens (for "sft+recon"). Batch `step` depends only on (seed, step)."""
 
     def __init__(self, data, parts: SftParts, config):
-        self.sets, self.pools, self.parts = data.train_sets, data.sampler.pools, parts
+        self.sets, self.pools, self.parts, self.control = data.train_sets, data.sampler.pools, parts, data.offset
         self.num_texts, self.batch_size, self.seed = config.data.num_texts, config.train.batch_size, config.seed
         self.m, self.bucket = config.sft.examples, config.sft.get("bucket", 0)
         if self.batch_size > len(self.sets):
@@ -183,7 +179,7 @@ class SftSampler:
         pick = rng.choice(rest if len(rest) >= self.m else n, size=self.m, replace=False)
         c = rng.integers(token_set.tokens.shape[0])
         row = {"input_ids": pool.input_ids[sel], "attention_mask": pool.attention_mask[sel],
-               "tokens": np.asarray(token_set.tokens[c], np.float32) - self.parts.control,
+               "tokens": np.asarray(token_set.tokens[c], np.float32) - self.control,
                "sft_ids": ex.ids[pick], "sft_mask": ex.mask[pick], "sft_labels": ex.labels[pick]}  # fmt: skip
         if pool.cache is not None:
             row["cond"] = pool.hidden(sel)
@@ -293,8 +289,8 @@ def make_steps(config, graphdef, enc_graphdef, lm_graphdef, tx, schedule, layout
 def lm_aux(config, data, parts: SftParts, enc_state) -> tuple[object, dict]:
     """(LM graphdef, the step's aux pytree on host)."""
     lm_graphdef, lm_state = nnx.split(parts.lm)
-    centre = control_lora(data.layout, parts.control)
-    aux = {"enc": enc_state, "lm": lm_state, "control": jnp.asarray(parts.control), "centre": centre,
+    centre = control_lora(data.layout, data.offset)
+    aux = {"enc": enc_state, "lm": lm_state, "control": jnp.asarray(data.offset), "centre": centre,
            "weight": jnp.asarray(data.weight)}  # fmt: skip
     return lm_graphdef, aux
 
