@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from configs import many_task_smollm2
+from dnd_jax.errors import DndError, run_cli
 from dnd_jax.experiments.many_task import fold_config
 from dnd_jax.experiments.stages import resolve
 
@@ -27,7 +28,11 @@ def probe(workdir: Path, objective: str, lr: float, steps: int) -> dict:
     from dnd_jax.trainer import train_and_evaluate
 
     c = resolve(many_task_smollm2.get_config(), workdir)
-    fold = json.loads((workdir / "cv-random-k5-s0" / "folds.json").read_text())["folds"][0]
+    folds = workdir / "cv-random-k5-s0" / "folds.json"
+    if not folds.is_file():
+        raise DndError(f"{folds}: no folds; run the many-task experiment to its folds stage first (python -m "
+                       "dnd_jax.experiment --config configs/many_task_smollm2.py --until folds)")  # fmt: skip
+    fold = json.loads(folds.read_text())["folds"][0]
     c.train.objective, c.train.learning_rate, c.train.steps = objective, lr, steps
     c.sft.examples, c.sft.bucket, c.train.log_every, c.train.eval_every = 2, 64, 1, 0
     fc = fold_config(c, fold["train"], fold["heldout"], Path(fold["mean_tokens"]), 999)
@@ -42,13 +47,13 @@ def probe(workdir: Path, objective: str, lr: float, steps: int) -> dict:
             "step_time_s": [r["step_time_s"] for r in rows if "step_time_s" in r][-1]}  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--lrs", default="3e-4,1e-3")
     ap.add_argument("--objectives", default="mt_lora,sft")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     workdir = Path(a.workdir).absolute()
     for obj in a.objectives.split(","):
         got = [probe(workdir, obj, float(lr), a.steps) for lr in a.lrs.split(",")]
@@ -59,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
