@@ -33,7 +33,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "ruff>=0.6", "selenium>=4.20"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -105,25 +105,53 @@ def load_prompts_file(path: str | Path, form: str = "prompts", seed: int = 0) ->
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise DndError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    if path.suffix == ".json":
+    return parse_prompts(text, path.suffix == ".json", form, seed, str(path))
+
+
+def parse_prompts(text: str, is_json: bool, form: str = "prompts", seed: int = 0, where: str = "prompts") -> list[str]:
+    """Condition texts from the contents of a prompts file: `load_prompts_file`'s parser, shared with the web page.
+
+    JSON: a list of strings or records; a record's prompt is its "prompt", or LLaMA-Factory's alpaca "instruction"
+    followed by its "input" on a new line; its answer is "response" (or alpaca's "output"). Text: one prompt per
+    line. Blank prompts are dropped.
+
+    Args:
+      text: the contents.
+      is_json: whether `text` is JSON (a .json file).
+      form: condition form (CONDITIONS); every form but "prompts" needs JSON records with responses.
+      seed: seed of the mix draw.
+      where: the source, for error messages.
+    """
+    if is_json:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DndError(f"{path}: invalid JSON ({e})") from None
+            raise DndError(f"{where}: invalid JSON ({e})") from None
         if not isinstance(records, list):
-            raise DndError(f"{path}: expected a JSON list of records or strings")
-        records = [{"prompt": r} if isinstance(r, str) else r for r in records]
+            raise DndError(f"{where}: expected a JSON list of records or strings")
+        records = [{"prompt": r} if isinstance(r, str) else _alpaca(r) for r in records]
         if any(not isinstance(r, dict) or not isinstance(r.get("prompt"), str) for r in records):
-            raise DndError(f"{path}: every record needs a string 'prompt'")
+            raise DndError(f"{where}: every record needs a string 'prompt' (or LLaMA-Factory's 'instruction')")
     else:
         if needs_answers(form):
-            raise DndError(f"{path}: a text file holds prompts only; condition form {form!r} needs a JSON list of "
+            raise DndError(f"{where}: a text file holds prompts only; condition form {form!r} needs a JSON list of "
                            '{"prompt", "response"} records (or pass --condition prompts)')  # fmt: skip
         records = [{"prompt": p} for p in text.splitlines()]
     records = [r for r in records if r["prompt"].strip()]
     if not records:
-        raise DndError(f"{path}: no prompts")
-    return condition_texts(records, form, seed, str(path))
+        raise DndError(f"{where}: no prompts")
+    return condition_texts(records, form, seed, where)
+
+
+def _alpaca(r):
+    """A LLaMA-Factory alpaca record ({"instruction", "input", "output"}) as {"prompt", "response"}; others as-is."""
+    if not isinstance(r, dict) or "prompt" in r or not isinstance(r.get("instruction"), str):
+        return r
+    extra = r.get("input") if isinstance(r.get("input"), str) else ""
+    out = {"prompt": r["instruction"] + ("\n" + extra if extra else "")}
+    if isinstance(r.get("output"), str):
+        out["response"] = r["output"]
+    return out
 
 
 def sample_prompt_batch(num_prompts: int, num_texts: int, rng: np.random.Generator, where: str = "prompts"):

@@ -1,0 +1,123 @@
+"""The local HTTP server: the page and its JSON API, from the standard library (no web framework to install).
+
+  GET  /                         the page
+  GET  /api/info                 runs, base model
+  GET  /api/run?label=L          a run's settings and its report's headline numbers
+  POST /api/generate             {"run", "text", "json": bool, "seed"} -> {"job"}
+  POST /api/answer               {"run", "adapter", "question", "system"} -> {"job"}
+  GET  /api/job/<id>             {"state": queued|running|done|error, "message", "elapsed_s", "result"}
+  GET  /api/download/<id>.zip    the made adapter's folder (PEFT files + README.md model card)
+
+Requests that can be checked at once (empty prompts, a file that is not JSON, a run without a generator) are
+answered with {"error": one line} and status 400; the rest run as jobs on the studio's one worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+from dnd_jax.errors import DndError
+from dnd_jax.web.page import PAGE
+from dnd_jax.web.studio import Jobs, Studio
+
+MAX_BODY = 32 << 20  # a LLaMA-Factory JSON upload of a few thousand records fits
+
+
+def make_server(studio: Studio, host: str, port: int) -> ThreadingHTTPServer:
+    jobs = Jobs()
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "dnd_jax"
+
+        def log_message(self, fmt, *args):  # quiet: the terminal shows what the server does, not every poll
+            pass
+
+        def _send(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, obj, code: int = 200) -> None:
+            self._send(code, json.dumps(obj).encode(), "application/json")
+
+        def do_GET(self):  # http.server's names
+            url = urlparse(self.path)
+            try:
+                if url.path == "/":
+                    return self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+                if url.path == "/api/info":
+                    return self._json(studio.info())
+                if url.path == "/api/run":
+                    return self._json(studio.run_info(parse_qs(url.query).get("label", [None])[0]))
+                if url.path.startswith("/api/job/"):
+                    return self._json(jobs.status(url.path.rsplit("/", 1)[1]))
+                if url.path.startswith("/api/download/") and url.path.endswith(".zip"):
+                    aid = url.path.rsplit("/", 1)[1][: -len(".zip")]
+                    body = studio.zip_bytes(aid)
+                    disp = {"Content-Disposition": f'attachment; filename="dnd-adapter-{aid}.zip"'}
+                    return self._send(200, body, "application/zip", disp)
+                return self._json({"error": f"no such page: {url.path}"}, HTTPStatus.NOT_FOUND)
+            except DndError as e:
+                return self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
+
+        def do_POST(self):
+            try:
+                body = self._body()
+                if self.path == "/api/generate":
+                    return self._json({"job": jobs.submit(studio.make_adapter, *_generate_args(studio, body))})
+                if self.path == "/api/answer":
+                    args = (body.get("run"), str(body.get("adapter") or ""), str(body.get("question") or ""),
+                            str(body.get("system") or ""))  # fmt: skip
+                    if not args[2].strip():
+                        raise DndError("the question is empty: type one to compare the answers")
+                    studio.adapter_dir(args[1])
+                    return self._json({"job": jobs.submit(studio.answer, *args)})
+                return self._json({"error": f"no such action: {self.path}"}, HTTPStatus.NOT_FOUND)
+            except DndError as e:
+                return self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
+
+        def _body(self) -> dict:
+            n = int(self.headers.get("Content-Length") or 0)
+            if n > MAX_BODY:
+                raise DndError(f"request of {n} bytes, over the {MAX_BODY >> 20} MiB limit: upload fewer prompts")
+            try:
+                body = json.loads(self.rfile.read(n) or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise DndError("the request is not JSON") from None
+            if not isinstance(body, dict):
+                raise DndError("the request is not a JSON object")
+            return body
+
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+def _generate_args(studio: Studio, body: dict) -> tuple:
+    """Checks a generate request before it is queued: (run, condition texts, seed)."""
+    from dnd_jax.data.prompts import needs_answers, parse_prompts
+
+    run = studio.run(body.get("run"))
+    if run.problem():
+        raise DndError(run.problem())
+    info = studio.run_info(run.label)
+    form = info["condition"]
+    is_json = bool(body.get("json"))
+    text = str(body.get("text") or "")
+    if not text.strip():
+        raise DndError("no prompts: paste the task's prompts, one per line, or upload a JSON file")
+    if needs_answers(form) and not is_json:
+        raise DndError(f"this generator reads prompts with answers (condition {form!r}): upload a JSON list of "
+                       '{"prompt", "response"} records')  # fmt: skip
+    seed = str(body.get("seed") or "").strip()
+    if seed and not seed.lstrip("-").isdigit():
+        raise DndError(f"seed {seed!r} is not an integer")
+    where = "the uploaded file" if is_json else "prompts"
+    texts = parse_prompts(text, is_json, form, int(seed) if seed else info["seed"], where)  # the CLI's mix draw
+    return run.label, texts, int(seed) if seed else None
