@@ -99,27 +99,7 @@ def test_many_task_smoke_end_to_end_and_resume(tmp_path):
     assert "[train/dnd] up to date" in more.stderr and "[adapters/dnd] up to date" in more.stderr
     assert "[evaluate/dnd] running" in more.stderr
     assert json.loads((cv / "scores" / "held.json").read_text())["settings"]["limit"] == 3
-    # The soft-retrieval arm: no training, tau chosen inside each fold's training tasks, scored on the same items.
-    arm = ["--config.experiment.limit=3", "--config.experiment.variant=soft_retrieval",
-           "--config.experiment.baseline=soft_retrieval"]  # fmt: skip
-    soft = subprocess.run([*cmd, *arm], env=env, capture_output=True, text=True)
-    assert soft.returncode == 0, soft.stderr[-2000:]
-    picked = json.loads((cv / "soft_retrieval" / "soft_retrieval.json").read_text())
-    taus = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 10.0)
-    assert sorted(picked) == held and all(p["tau"] in taus for p in picked.values())
-    assert json.loads((cv / "soft_retrieval" / "scores" / "held.json").read_text())["generated"]["soft"]
-    assert "soft_retrieval (not generated: the softmax(cos / tau)-weighted mean" in (work / "report.md").read_text()
-    # Prompt swap on the trained dnd generators: each task's adapter also from a fold-mate's prompts, scored on its own.
-    arm = ["--config.experiment.limit=3", "--config.experiment.variant=dnd_swap",
-           "--config.experiment.train_variant=dnd", "--config.experiment.prompt_swap=True"]  # fmt: skip
-    swap = subprocess.run([*cmd, *arm], env=env, capture_output=True, text=True)
-    assert swap.returncode == 0, swap.stderr[-2000:]
-    made = json.loads((cv / "dnd_swap" / f"fold-{fold_of['held']}" / "seed-999" / "generated" / "held"
-                       / "generation.json").read_text())  # fmt: skip
-    assert made["swapped_from"] == "t2"  # the fold's other held-out task
-    got = json.loads((cv / "dnd_swap" / "scores" / "held.json").read_text())
-    assert sorted(got["swapped"]) == ["1000", "999"] and got["settings"]["prompt_swap"] is True
-    assert "Prompt swap:" in (work / "report.md").read_text() and "- **dnd_swap**: " in (work / "report.md").read_text()
+    # The soft-retrieval and prompt-swap arms: tests/mixed_smoke_test.py (the mixed pool's smoke runs both).
 
 
 def test_folds_cover_every_task_once_and_family_split_keeps_families_together():

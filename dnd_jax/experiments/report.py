@@ -163,11 +163,12 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
                      f"({d['wins']}/{d['ties']}/{d['losses']}){noise}")  # fmt: skip
     have_ans = [t for t in names if not np.isnan(ans["base"][names.index(t)])]
     if have_ans and vnames:
-        L.append(f"\n## Secondary: answer-only NLL ({len(have_ans)} multiple-choice tasks)\n")
-        L.append("The NLL of the answer's own token(s) alone (e.g. `C` of `[C]`), summed per item and averaged over "
-                 "items: the per-token metric divides an answer-level difference by the ~5 tokens of a `[C]` "
-                 "response and its end of turn, most of which only carry the format. Tasks whose responses have "
-                 "no located answer span are left out.\n")  # fmt: skip
+        L.append(f"\n## Secondary: answer-only NLL ({len(have_ans)} tasks)\n")
+        L.append("The NLL of the answer's own token(s) alone (e.g. `C` of `[C]`; a generative task's whole answer "
+                 "text, without the end of turn), summed per item and averaged over items: the per-token metric "
+                 "divides an answer-level difference by the ~5 tokens of a `[C]` response and its end of turn, most "
+                 "of which only carry the format. Tasks whose responses have no located answer span are left "
+                 "out.\n")  # fmt: skip
         rows, _ = comparison_table(ans, vnames, groups, nb, seed, "answer-only, control -> own LoRA")
         L += rows
     L.append("\n## Mean over tasks, every row\n")
