@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=7860, help="port (0: any free one; the URL is printed)")
     ap.add_argument("--base", default=None, help="base LM name or directory (default: the runs' collection model)")
     ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="device of the PyTorch LM")
+    ap.add_argument("--report", default=None,
+                    help="a report.md to show beside every run (default: the nearest report.md at or above the run; "
+                         "an experiment run with --report_dir elsewhere names it here)")  # fmt: skip
     ap.add_argument("--out", default=None, help="where made adapters are kept (default: a temporary folder)")
     args = ap.parse_args(argv)
     if not 0 <= args.port < 65536:
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dnd-serve-"))
     print(f"loading {args.workdir} (the base model and the prompt encoder load once) ...", file=sys.stderr)
-    studio = Studio(args.workdir, out, args.base, args.device)
+    studio = Studio(args.workdir, out, args.base, args.device, args.report)
     try:
         server = make_server(studio, args.host, args.port)
     except OSError as e:

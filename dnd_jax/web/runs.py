@@ -86,9 +86,9 @@ def default_run(runs: list[Run]) -> Run:
 _KEEP = re.compile(r"control|generated|base model|own LoRA|retrieval", re.IGNORECASE)
 
 
-def report_excerpt(run: Path, root: Path, max_rows: int = 12) -> dict | None:
-    """The headline numbers of the nearest report.md at or above `run` (not above `root`): the first markdown table
-    with a control row and a generated row, cut to its rows that name a baseline or a generated variant.
+def report_excerpt(run: Path, root: Path, max_rows: int = 12, name: str = "report.md") -> dict | None:
+    """The headline numbers of the nearest report (`name`) at or above `run` (not above `root`): the first markdown
+    table with a control row and a generated row, cut to its rows that name a baseline or a generated variant.
 
     Returns:
       {"path", "header": [...], "rows": [[...], ...], "title"} or None when no report has such a table.
@@ -96,7 +96,7 @@ def report_excerpt(run: Path, root: Path, max_rows: int = 12) -> dict | None:
     run, root = run.resolve(), root.resolve()
     d = run
     while True:
-        rep = d / "report.md"
+        rep = d / name
         if rep.is_file():
             found = _table(rep.read_text(errors="replace"), max_rows)
             if found is not None:

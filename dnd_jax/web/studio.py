@@ -32,12 +32,17 @@ class Studio:
     out: where made adapters are written (one folder per adapter).
     base: base LM name or directory; default the runs' collection model (config.collect.model).
     device: "auto", "cpu" or "cuda" for the PyTorch LM.
+    report: a report.md to show for every run (default: the nearest one at or above each run).
     """
 
-    def __init__(self, root: str | Path, out: str | Path, base: str | None = None, device: str = "cpu"):
+    def __init__(self, root: str | Path, out: str | Path, base: str | None = None, device: str = "cpu",
+                 report: str | Path | None = None):  # fmt: skip
         from dnd_jax.lm import load_base, pick_device
 
         self.root, self.out = Path(root), Path(out)
+        self.report = Path(report) if report else None
+        if self.report is not None and report_excerpt(self.report.parent, self.report.parent) is None:
+            raise DndError(f"{self.report}: no report.md with a table of control and generated rows")
         self.runs = {r.label: r for r in find_runs(self.root)}
         self.default = default_run(list(self.runs.values())).label
         first = self.runs[self.default]
@@ -66,7 +71,8 @@ class Studio:
                 "num_texts": c["data"]["num_texts"], "condition": c["data"].get("condition", "prompts"),
                 "steps": c["train"]["steps"], "seed": c["seed"], "train_datasets": c["data"]["train_datasets"],
                 "residual": bool(c["data"].get("target_offset", "")),
-                "report": report_excerpt(run.path, self.root)}  # fmt: skip
+                "report": report_excerpt(*((self.report.parent,) * 2 if self.report else (run.path, self.root)),
+                                         name=self.report.name if self.report else "report.md")}  # fmt: skip
 
     def generator(self, label: str | None):
         from dnd_jax.generate import AdapterGenerator
