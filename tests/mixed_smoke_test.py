@@ -49,6 +49,8 @@ def test_mixed_smoke_generative_task_soft_retrieval_and_prompt_swap(tmp_path):
     report = (work / "report.md").read_text()
     assert "Prompt swap:" in report and "- **dnd**: " in report.split("Prompt swap:")[1]
     assert "| row | em/em |" in report
+    fam = report.split("## What transfers, per family")[1].split("\n## ")[0]  # per family, control - generated
+    assert "| family | tasks | dnd |" in fam and "| tense | 1 | " in fam and "| a | 1 | " in fam
     # The soft-retrieval arm on the same items: tau chosen inside each fold's training tasks.
     arm = ["--config.experiment.variant=soft_retrieval", "--config.experiment.baseline=soft_retrieval"]
     soft = subprocess.run([*cmd, *arm], env=env, capture_output=True, text=True)

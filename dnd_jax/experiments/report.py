@@ -161,6 +161,7 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
             noise = " (within noise)" if within_noise(d) else ""
             L.append(f"- **{v}**: {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
                      f"({d['wins']}/{d['ties']}/{d['losses']}){noise}")  # fmt: skip
+    L += _family_section(e, names, nll, vnames)
     have_ans = [t for t in names if not np.isnan(ans["base"][names.index(t)])]
     if have_ans and vnames:
         L.append(f"\n## Secondary: answer-only NLL ({len(have_ans)} tasks)\n")
@@ -260,6 +261,26 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
             vals += [ans[r][i] for r in ROWS]
             f.write(f"{t},{fold_of[t]},{items[i]}," + ",".join(f"{x:.5f}" for x in vals) + "\n")
     return path
+
+
+def _family_section(e, names: list[str], nll: dict, vnames: list[str]) -> list[str]:
+    """What transfers: per family (experiment.families; a task without one is its own), the mean over its held-out
+    tasks of control - generated NLL per token (positive: the generator helps there), for each generator variant."""
+    fam = dict(x.split("=", 1) for x in e.get("families", ()))
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(names):
+        groups.setdefault(fam.get(t, t), []).append(i)
+    if not vnames or len(groups) < 2:
+        return []
+    diff = {v: nll["control"] - task_mean(nll[f"generated:{v}"]) for v in vnames}
+    L = ["\n## What transfers, per family\n",
+         "Mean over each family's held-out tasks of control - generated NLL per token (positive: the generated "
+         "adapters beat the prompt-blind control there; no CI: most families hold one to three tasks). Families "
+         "by size, then name.\n",
+         "| family | tasks | " + " | ".join(vnames) + " |", "|---|---|" + "---|" * len(vnames)]  # fmt: skip
+    for f, idx in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        L.append(f"| {f} | {len(idx)} | " + " | ".join(f"{diff[v][idx].mean():+.4f}" for v in vnames) + " |")
+    return L
 
 
 def _time_section(c, cv: Path, vnames: list[str], names: list[str]) -> list[str]:
