@@ -163,6 +163,13 @@ def get_config(arg=None):
     if not smoke:
         c.collect.cutoff_len = 512
         c.experiment.whole_examples = True
+        # The CPU budget, fixed before any run: scoring is most of it. On the 48-task run one adapter on one task
+        # (32 items + 12 secondary) took about 17 s on 2 cores; here each task has about 13 rows to score (base,
+        # own, control, retrieval, 1 training LoRA, 2 recon seeds and their swaps, SFT and its swap, mt_lora, soft
+        # retrieval), so 16 items (CIs are over the 128 tasks, whose spread dominates), exact match on 8.
+        c.experiment.limit = 16
+        c.experiment.secondary_limit = 8
+        c.experiment.training_sample = 1
     # Every generator variant is also scored with swapped prompts (own vs swapped: does it use them).
     c.experiment.prompt_swap = True
     # The primary comparison, fixed here before any run: the report opens with each generator vs the best
