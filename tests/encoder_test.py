@@ -59,6 +59,10 @@ def test_matches_pytorch_bert_last_hidden_state(minilm):
     assert enc_lib.auto_chunk(enc.cfg, 384) == 1  # on CPU the default encodes one prompt at a time (lax.map)
     assert enc_lib.auto_chunk(enc.cfg, 384, jnp.bfloat16) == 1  # bf16: 8x the texts, still 1 at 384 tokens
     assert (enc_lib.auto_chunk(enc.cfg, 32), enc_lib.auto_chunk(enc.cfg, 32, jnp.bfloat16)) == (21, 170)
+    with pytest.MonkeyPatch.context() as mp:  # on GPU/TPU: chunks of 1 GiB of float32 scores (the memory's sake)
+        mp.setattr(jax, "default_backend", lambda: "gpu")
+        per_text = enc.cfg.num_heads * 384 * 384 * 4
+        assert enc_lib.auto_chunk(enc.cfg, 384) == (1 << 30) // per_text == 151  # 12 heads: 7 MB per text
     got = np.asarray(jax.jit(lambda a, b: enc(a, b))(ids, mask))
     at_once = np.asarray(jax.jit(lambda a, b: enc(a, b, chunk=0))(ids, mask))
     np.testing.assert_allclose(got, at_once, atol=1e-4)  # float32 order; [PAD] rows are ill-conditioned

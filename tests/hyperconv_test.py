@@ -91,6 +91,15 @@ def test_fft_plan_picks_fft_only_where_cheaper():
         GeneratorConfig(((4, 8, 16), (6, 5, 10)), 3, conv_impl="winograd")
 
 
+def test_cpu_conv_paths_are_refused_on_an_accelerator(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for impl in ("fft", "gemm"):
+        with pytest.raises(ValueError, match=f"conv_impl '{impl}' is a CPU path .* on gpu use 'auto' or 'direct'"):
+            GeneratorConfig(((4, 8, 16), (6, 5, 10)), 3, conv_impl=impl)
+    GeneratorConfig(((4, 8, 16), (6, 5, 10)), 3, conv_impl="direct")
+    assert conv_paths.auto_conv_impl(jnp.float32) == conv_paths.auto_conv_impl(jnp.bfloat16) == "direct"
+
+
 def test_fft_thresholds_follow_the_cpu_kind(monkeypatch):
     conv_paths.FFT_THRESHOLDS_OVERRIDE = None
     for flags, want in (({"avx2"}, "avx2"), ({"avx2", "avx512f"}, "avx512"), ({"avx512f", "amx_bf16"}, "amx"),

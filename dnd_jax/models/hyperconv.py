@@ -66,6 +66,9 @@ class GeneratorConfig:
             raise ValueError("features must list at least two (N, H, W) triples")
         if self.conv_impl not in ("auto", "direct", "fft", "gemm"):
             raise ValueError(f"conv_impl must be 'auto', 'direct', 'fft' or 'gemm', got {self.conv_impl!r}")
+        if self.conv_impl in ("fft", "gemm") and jax.default_backend() != "cpu":
+            raise ValueError(f"conv_impl {self.conv_impl!r} is a CPU path (models/conv_paths.py); on "
+                             f"{jax.default_backend()} use 'auto' or 'direct' (model.conv_impl)")  # fmt: skip
         if self.kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd for 'same' padding, got {self.kernel_size}")
 
