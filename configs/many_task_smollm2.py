@@ -200,6 +200,17 @@ def get_config(arg=None):
         c.train.batch_size = 2
         c.train.eval_every = 0
         c.train.checkpoint_every = 2
+    elif arg == "sft":
+        # SFT mode's settings on these folds, one source for scripts/many_task_sft.sh and scripts/sft_lr_probe.py
+        # (the objective and learning rate come per variant): residual targets from the control, 60 steps of 8 tasks
+        # x 2 labelled examples cut to a multiple of 64 tokens, one seed (the CPU budget: ~17 s a step on 2 cores).
+        c.experiment.target = "residual"
+        c.experiment.seeds = (999,)
+        c.train.steps = 60
+        c.sft.examples = 2
+        c.sft.bucket = 64
+        c.train.eval_every = 10
+        c.train.log_every = 5
     elif arg not in (None, ""):
-        raise ValueError(f"unknown config argument {arg!r} (expected nothing or 'smoke')")
+        raise ValueError(f"unknown config argument {arg!r} (expected nothing, 'smoke' or 'sft')")
     return c

@@ -4,20 +4,21 @@
 # training tasks' response NLL, then the report with every variant of the workdir.
 #   LR_MT=... LR_SFT=... bash scripts/many_task_sft.sh [WORKDIR] [REPORT_DIR]
 # Each variant's learning rate is chosen on training data first: scripts/sft_lr_probe.py prints LR_MT and LR_SFT.
-# Resumable: every stage skips finished work. CPU budget (2 cores): STEPS steps of 8 tasks x 2 examples, one seed.
+# Resumable: every stage skips finished work. The settings are configs/many_task_smollm2.py:sft (one source with the
+# probe): 60 steps of 8 tasks x 2 examples, one seed; STEPS overrides the steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-runs/many_task_smollm2}
 REPORT=${2:-$WORK}
 PY=${PYTHON:-.venv/bin/python}
-CFG=configs/many_task_smollm2.py
+CFG=configs/many_task_smollm2.py:sft
 STEPS=${STEPS:-60}
 : "${LR_MT:?set LR_MT, mt_lora's learning rate (scripts/sft_lr_probe.py chooses it)}"
 : "${LR_SFT:?set LR_SFT, the sft generator's learning rate (scripts/sft_lr_probe.py chooses it)}"
-COMMON=(--config.experiment.target=residual --config.train.steps="$STEPS" "--config.experiment.seeds=(999,)"
-        --config.sft.examples=2 --config.sft.bucket=64 --config.train.eval_every=10 --config.train.log_every=5)
+COMMON=(--config.train.steps="$STEPS")
 "$PY" -m dnd_jax.experiment --config "$CFG" --workdir "$WORK" --until evaluate \
     --config.experiment.variant=mt_lora --config.train.objective=mt_lora --config.train.learning_rate="$LR_MT" "${COMMON[@]}"
-"$PY" -m dnd_jax.experiment --config "$CFG" --workdir "$WORK" --until evaluate \
+# sft, then the report of every variant of the workdir (the report stage follows the variant the command names;
+# a command naming the default variant, dnd, would first train it).
+"$PY" -m dnd_jax.experiment --config "$CFG" --workdir "$WORK" --report_dir "$REPORT" \
     --config.experiment.variant=sft --config.train.objective=sft --config.train.learning_rate="$LR_SFT" "${COMMON[@]}"
-"$PY" -m dnd_jax.experiment --config "$CFG" --workdir "$WORK" --report_dir "$REPORT"

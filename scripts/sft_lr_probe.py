@@ -3,11 +3,12 @@
   PYTHONPATH=. .venv/bin/python scripts/sft_lr_probe.py --workdir runs/many_task_smollm2 [--steps 12]
       [--lrs 3e-4,1e-3] [--objectives mt_lora,sft]
 
-For each objective and learning rate: fold 0's run as scripts/many_task_sft.sh configures it (8 tasks x 2 examples
-per step, one seed), for --steps steps, in WORKDIR/sft-lr-probe/<objective>-<lr>/ (resumable: a finished probe is
-read back). The rule, fixed before looking: per objective, the learning rate with the lowest `trainfit/nll` (the
-run's own training tasks) at the last step; held-out numbers are printed but play no part. mt_lora moves every A and
-B entry by about lr per Adam step, the generator moves its conv weights, so one learning rate does not suit both.
+For each objective and learning rate: fold 0's run with the settings of scripts/many_task_sft.sh (one source:
+configs/many_task_smollm2.py:sft), for --steps steps, in WORKDIR/sft-lr-probe/<objective>-<lr>/ (resumable: a
+finished probe is read back). The rule, fixed before looking: per objective, the learning rate with the lowest
+`trainfit/nll` (the run's own training tasks) at the last step; held-out numbers are printed but play no part.
+mt_lora moves every A and B entry by about lr per Adam step, the generator moves its conv weights, so one learning
+rate does not suit both.
 Prints one JSON line per probe and the choice.
 """
 
@@ -27,14 +28,14 @@ def probe(workdir: Path, objective: str, lr: float, steps: int) -> dict:
     from dnd_jax.checkpointing import latest_finished_step
     from dnd_jax.trainer import train_and_evaluate
 
-    c = resolve(many_task_smollm2.get_config(), workdir)
+    c = resolve(many_task_smollm2.get_config("sft"), workdir)
     folds = workdir / "cv-random-k5-s0" / "folds.json"
     if not folds.is_file():
         raise DndError(f"{folds}: no folds; run the many-task experiment to its folds stage first (python -m "
                        "dnd_jax.experiment --config configs/many_task_smollm2.py --until folds)")  # fmt: skip
     fold = json.loads(folds.read_text())["folds"][0]
     c.train.objective, c.train.learning_rate, c.train.steps = objective, lr, steps
-    c.sft.examples, c.sft.bucket, c.train.log_every, c.train.eval_every = 2, 64, 1, 0
+    c.train.log_every, c.train.eval_every = 1, 0
     fc = fold_config(c, fold["train"], fold["heldout"], Path(fold["mean_tokens"]), 999)
     out = workdir / "sft-lr-probe" / f"{objective}-{lr:g}"
     if latest_finished_step(out / "checkpoints") != steps:
