@@ -138,12 +138,14 @@ SMOKE_COMMONSENSE = (("ARC-c", "arc"), ("ARC-e", "arc"), ("BoolQ", "boolq"))
 
 
 def get_config(arg=None):
-    """arg: "" (family split), "random" (the secondary split), "smoke", or "smoke,random"."""
+    """arg: "" (family split), "random" (the secondary split), "smoke", "smoke,random", or "sft" (SFT mode's settings
+    of configs/many_task_smollm2.py:sft on this pool, for scripts/mixed_task_decisive.sh), with or without random."""
     parts = set((arg or "").split(",")) - {""}
-    if not parts <= {"smoke", "random"}:
-        raise ValueError(f"unknown config argument {arg!r} (expected nothing, 'random', 'smoke' or 'smoke,random')")
+    if not parts <= {"smoke", "random", "sft"} or parts >= {"smoke", "sft"}:
+        raise ValueError(f"unknown config argument {arg!r} (expected nothing, 'random', 'smoke', 'sft' or one of them "
+                         "with ',random')")  # fmt: skip
     smoke = "smoke" in parts
-    c = many_task_smollm2.get_config("smoke" if smoke else None)
+    c = many_task_smollm2.get_config("smoke" if smoke else "sft" if "sft" in parts else None)
     c.pipeline.config_name = "configs/mixed_task_smollm2.py"
     bigbench, commonsense = (SMOKE_BIGBENCH, SMOKE_COMMONSENSE) if smoke else (BIGBENCH_TASKS, COMMONSENSE_TASKS)
     # BIG-bench tasks of both formats (from the PyPI sdist) and their families.
