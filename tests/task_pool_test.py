@@ -161,13 +161,16 @@ def test_unusable_tasks_are_skipped_with_one_line(tmp_path, monkeypatch, capsys)
 def test_whole_examples_drops_what_the_cutoff_would_cut(tmp_path, monkeypatch, capsys):
     """The pool's recipe keeps only examples that fit collect.cutoff_len whole (SmolLM2's tokenizer, chat format);
     a task left with too few is skipped saying how many fit."""
+    from dnd_jax.assets import smollm2_path
     from dnd_jax.lm import encode_sft_example
 
     c = pool.get_config()
     assert c.experiment.whole_examples and c.collect.cutoff_len == 512
     assert not pool.get_config("smoke").experiment.whole_examples
-    monkeypatch.setenv("DND_JAX_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
+    model = smollm2_path()  # the toy sdist gets a cache of its own; the dequantized model is linked, not redone
+    (tmp_path / "cache" / model.name).symlink_to(model, target_is_directory=True)
+    monkeypatch.setenv("DND_JAX_CACHE", str(tmp_path / "cache"))
     long = " ".join(["word"] * 600)  # ~600 tokens: over the cut-off
     write_sdist(tmp_path / "cache" / bigbench.SDIST, {
         "mixed": gen_task(160, text=lambda i: f"{long} question {i}?" if i % 4 == 0 else f"question {i}?"),
