@@ -145,8 +145,12 @@ def evaluate(base: str, data_dir, dataset: str, adapters: list[tuple[str, str, P
         scorer.check(Path(p))
     base_dir = scorer.base_dir
     rows = [{"kind": "base", "name": "base", "path": str(base_dir), **scorer.score(None, records, protocols)}]
+    scored = {}  # an adapter listed twice (retrieval is also a training LoRA) is scored once
     for kind, name, path in tqdm(adapters, desc="adapters", file=sys.stderr):
-        rows.append({"kind": kind, "name": name, "path": str(path), **scorer.score(Path(path), records, protocols)})
+        key = Path(path).resolve()
+        if key not in scored:
+            scored[key] = scorer.score(Path(path), records, protocols)
+        rows.append({"kind": kind, "name": name, "path": str(path), **json.loads(json.dumps(scored[key]))})
     result = {"base_model": str(base_dir), "dataset": dataset, "split": split, "items": len(records),
               "protocols": list(protocols), "rows": rows, "summary": summarize(rows, protocols)}  # fmt: skip
     with atomic_dir(out, overwrite=overwrite) as tmp:
