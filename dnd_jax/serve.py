@@ -7,7 +7,8 @@ question and compare the base model's, the generated adapter's and the prompt-bl
 download the adapter as a PEFT folder (zip) with a model card. The run's own report numbers stand beside it.
 `--workdir` is one training workdir, the demo's, or a many-task experiment's (every fold generator is listed).
 
-The server binds to 127.0.0.1 (this machine only) unless --host says otherwise; the models load once, at start.
+The server binds to 127.0.0.1 (this machine only) unless --host says otherwise. The base LM loads once, at start;
+a run's generator and prompt encoder load with its first adapter and stay loaded (the last two runs used).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from dnd_jax.web.studio import Studio
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dnd-serve-"))
-    print(f"loading {args.workdir} (the base model and the prompt encoder load once) ...", file=sys.stderr)
+    print(f"loading {args.workdir} and the base model (once) ...", file=sys.stderr)
     studio = Studio(args.workdir, out, args.base, args.device, args.report)
     try:
         server = make_server(studio, args.host, args.port)

@@ -61,6 +61,7 @@ PAGE = """<!doctype html>
  report. A generated adapter is worth using only where it beats the control.</p></section></div></main>
 <script>
 const $ = id => document.getElementById(id);
+const MAX_UPLOAD = 32 << 20;  // the server's request limit
 let adapterId = null;
 function esc(s){return String(s).replace(/[&<>"]/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;","\\"":"&quot;"}[c]));}
 async function api(path, body){
@@ -101,17 +102,18 @@ async function loadRun(){
 }
 $("upload").addEventListener("change", async ev => {
   const f = ev.target.files[0]; if (!f) return;
-  $("prompts").dataset.json = f.name.endsWith(".json") ? "1" : "";
+  ev.target.value = "";  // choosing the same file again reloads it
+  if (f.size > MAX_UPLOAD) { show($("genstatus"), f.name + " is " + (f.size >> 20) + " MiB: at most "
+    + (MAX_UPLOAD >> 20) + " MiB (upload fewer prompts)", "error"); return; }
   $("prompts").value = await f.text();
   try { const recs = JSON.parse($("prompts").value);
         if (Array.isArray(recs) && recs[0] && recs[0].system) $("system").value = recs[0].system; } catch (e) {}
 });
-$("prompts").addEventListener("input", () => { $("prompts").dataset.json = ""; });
 $("generate").addEventListener("click", async () => {
   $("generate").disabled = true; $("made").style.display = "none";
   try {
     const job = await api("/api/generate", {run: $("run").value, text: $("prompts").value,
-      json: $("prompts").dataset.json === "1", seed: $("seed").value.trim()});
+      seed: $("seed").value.trim()});
     const r = await wait(job.job, $("genstatus"));
     adapterId = r.id; $("ask").disabled = false;
     show($("genstatus"), "adapter " + r.id + " made from " + r.prompts + " prompts in " + r.seconds.toFixed(3)
@@ -128,7 +130,7 @@ $("ask").addEventListener("click", async () => {
   $("ask").disabled = true;
   for (const k of ["base", "generated", "control"]) $("ans-" + k).querySelector("h3").nextSibling?.remove();
   try {
-    const job = await api("/api/answer", {run: $("run").value, adapter: adapterId, question: $("question").value,
+    const job = await api("/api/answer", {adapter: adapterId, question: $("question").value,
       system: $("system").value});
     const r = await wait(job.job, $("askstatus"));
     for (const k of ["base", "generated", "control"]) {

@@ -15,6 +15,8 @@ answered with {"error": one line} and status 400; the rest run as jobs on the st
 from __future__ import annotations
 
 import json
+import re
+import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -49,45 +51,59 @@ def make_server(studio: Studio, host: str, port: int) -> ThreadingHTTPServer:
             self._send(code, json.dumps(obj).encode(), "application/json")
 
         def do_GET(self):  # http.server's names
-            url = urlparse(self.path)
-            try:
-                if url.path == "/":
-                    return self._send(200, PAGE.encode(), "text/html; charset=utf-8")
-                if url.path == "/api/info":
-                    return self._json(studio.info())
-                if url.path == "/api/run":
-                    return self._json(studio.run_info(parse_qs(url.query).get("label", [None])[0]))
-                if url.path.startswith("/api/job/"):
-                    return self._json(jobs.status(url.path.rsplit("/", 1)[1]))
-                if url.path.startswith("/api/download/") and url.path.endswith(".zip"):
-                    aid = url.path.rsplit("/", 1)[1][: -len(".zip")]
-                    body = studio.zip_bytes(aid)
-                    disp = {"Content-Disposition": f'attachment; filename="dnd-adapter-{aid}.zip"'}
-                    return self._send(200, body, "application/zip", disp)
-                return self._json({"error": f"no such page: {url.path}"}, HTTPStatus.NOT_FOUND)
-            except DndError as e:
-                return self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
+            self._guarded(self._get)
 
         def do_POST(self):
+            self._guarded(self._post)
+
+        def _guarded(self, handle) -> None:
+            """A user's mistake is one line (400); anything else too (500), logged, and the server goes on."""
             try:
-                body = self._body()
-                if self.path == "/api/generate":
-                    return self._json({"job": jobs.submit(studio.make_adapter, *_generate_args(studio, body))})
-                if self.path == "/api/answer":
-                    args = (body.get("run"), str(body.get("adapter") or ""), str(body.get("question") or ""),
-                            str(body.get("system") or ""))  # fmt: skip
-                    if not args[2].strip():
-                        raise DndError("the question is empty: type one to compare the answers")
-                    studio.adapter_dir(args[1])
-                    return self._json({"job": jobs.submit(studio.answer, *args)})
-                return self._json({"error": f"no such action: {self.path}"}, HTTPStatus.NOT_FOUND)
+                handle()
             except DndError as e:
-                return self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
+                self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
+            except Exception as e:  # noqa: BLE001 (the page shows it; the server stays up)
+                traceback.print_exc()
+                self._json({"error": f"internal error: {type(e).__name__}: {e}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+
+        def _get(self):
+            url = urlparse(self.path)
+            if url.path == "/":
+                return self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+            if url.path == "/api/info":
+                return self._json(studio.info())
+            if url.path == "/api/run":
+                return self._json(studio.run_info(parse_qs(url.query).get("label", [None])[0]))
+            if url.path.startswith("/api/job/"):
+                return self._json(jobs.status(url.path.rsplit("/", 1)[1]))
+            if url.path.startswith("/api/download/") and url.path.endswith(".zip"):
+                aid = url.path.rsplit("/", 1)[1][: -len(".zip")]
+                body = studio.zip_bytes(aid)
+                disp = {"Content-Disposition": f'attachment; filename="dnd-adapter-{aid}.zip"'}
+                return self._send(200, body, "application/zip", disp)
+            return self._json({"error": f"no such page: {url.path}"}, HTTPStatus.NOT_FOUND)
+
+        def _post(self):
+            body = self._body()
+            if self.path == "/api/generate":
+                return self._json({"job": jobs.submit(studio.make_adapter, *_generate_args(studio, body))})
+            if self.path == "/api/answer":
+                args = (str(body.get("adapter") or ""), str(body.get("question") or ""),
+                        str(body.get("system") or ""))  # fmt: skip
+                if not args[1].strip():
+                    raise DndError("the question is empty: type one to compare the answers")
+                studio.adapter_dir(args[0])  # the adapter's own run gives the control
+                return self._json({"job": jobs.submit(studio.answer, *args)})
+            return self._json({"error": f"no such action: {self.path}"}, HTTPStatus.NOT_FOUND)
 
         def _body(self) -> dict:
-            n = int(self.headers.get("Content-Length") or 0)
-            if n > MAX_BODY:
-                raise DndError(f"request of {n} bytes, over the {MAX_BODY >> 20} MiB limit: upload fewer prompts")
+            try:
+                n = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                raise DndError("the request's Content-Length is not a number") from None
+            if n < 0 or n > MAX_BODY:
+                self.close_connection = True
+                raise DndError(f"a request of {n} bytes: at most {MAX_BODY >> 20} MiB (upload fewer prompts)")
             try:
                 body = json.loads(self.rfile.read(n) or b"{}")
             except (json.JSONDecodeError, UnicodeDecodeError):
@@ -108,16 +124,26 @@ def _generate_args(studio: Studio, body: dict) -> tuple:
         raise DndError(run.problem())
     info = studio.run_info(run.label)
     form = info["condition"]
-    is_json = bool(body.get("json"))
     text = str(body.get("text") or "")
+    is_json = _is_json_list(text)  # an upload or pasted JSON; whatever the file's name or later edits
     if not text.strip():
         raise DndError("no prompts: paste the task's prompts, one per line, or upload a JSON file")
     if needs_answers(form) and not is_json:
         raise DndError(f"this generator reads prompts with answers (condition {form!r}): upload a JSON list of "
                        '{"prompt", "response"} records')  # fmt: skip
     seed = str(body.get("seed") or "").strip()
-    if seed and not seed.lstrip("-").isdigit():
-        raise DndError(f"seed {seed!r} is not an integer")
+    if seed and not re.fullmatch(r"[0-9]{1,9}", seed):
+        raise DndError(f"seed {seed!r} is not a whole number from 0 to 999999999")
     where = "the uploaded file" if is_json else "prompts"
     texts = parse_prompts(text, is_json, form, int(seed) if seed else info["seed"], where)  # the CLI's mix draw
     return run.label, texts, int(seed) if seed else None
+
+
+def _is_json_list(text: str) -> bool:
+    """Whether the prompts box holds a JSON list (an uploaded or pasted dataset file) rather than lines of text."""
+    if not text.lstrip().startswith("["):
+        return False
+    try:
+        return isinstance(json.loads(text), list)
+    except json.JSONDecodeError:
+        return text.lstrip().startswith(("[{", '["', "[\n", "[ ")) or text.strip() == "["  # broken JSON: say so

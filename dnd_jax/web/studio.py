@@ -41,7 +41,8 @@ class Studio:
 
         self.root, self.out = Path(root), Path(out)
         self.report = Path(report) if report else None
-        if self.report is not None and report_excerpt(self.report.parent, self.report.parent) is None:
+        rep = self.report
+        if rep is not None and report_excerpt(rep.parent, rep.parent, name=rep.name) is None:
             raise DndError(f"{self.report}: no report.md with a table of control and generated rows")
         self.runs = {r.label: r for r in find_runs(self.root)}
         self.default = default_run(list(self.runs.values())).label
@@ -54,6 +55,8 @@ class Studio:
 
     # -- runs ---------------------------------------------------------------------------------------------------
     def run(self, label: str | None) -> Run:
+        if label is not None and not isinstance(label, str):
+            raise DndError(f"'run' must be a run's name (a string), got {type(label).__name__}")
         run = self.runs.get(label or self.default)
         if run is None:
             raise DndError(f"no run {label!r} under {self.root} (have: {', '.join(self.runs)})")
@@ -124,14 +127,18 @@ class Studio:
         gen.save(lora, folder, info)
         card = model_card(info, self.base_name, self.run_info(run.label)["report"])
         (folder / "adapter-0" / "README.md").write_text(card)
-        self._adapters[aid] = folder / "adapter-0"
+        self._adapters[aid] = (folder / "adapter-0", run.label)
         return info
 
     def adapter_dir(self, aid: str) -> Path:
-        path = self._adapters.get(aid)
-        if path is None:
+        return self._adapter(aid)[0]
+
+    def _adapter(self, aid: str) -> tuple[Path, str]:
+        """(folder, the run that made it) of a made adapter."""
+        made = self._adapters.get(aid) if isinstance(aid, str) else None
+        if made is None:
             raise DndError(f"no adapter {aid!r} on this server (generate one first)")
-        return path
+        return made
 
     def control_dir(self, label: str | None) -> Path | None:
         """The run's prompt-blind control (its training checkpoints' mean tokens, detokenized), made once; None when
@@ -167,15 +174,15 @@ class Studio:
         return buf.getvalue()
 
     # -- answers ------------------------------------------------------------------------------------------------
-    def answer(self, label: str | None, aid: str, question: str, system: str, progress) -> dict:
-        """Greedy answers to `question` in the training chat format: base model, the generated adapter, and the run's
-        prompt-blind control where it has one."""
+    def answer(self, aid: str, question: str, system: str, progress) -> dict:
+        """Greedy answers to `question` in the training chat format: base model, the generated adapter, and the
+        prompt-blind control of the run that made the adapter, where it has one."""
         from dnd_jax.lm import chat_prompt_text
         from dnd_jax.protocols.gen import generate_batch
 
         if not question.strip():
             raise DndError("the question is empty: type one to compare the answers")
-        gen_dir = self.adapter_dir(aid)
+        gen_dir, label = self._adapter(aid)
         progress("preparing the control adapter")
         control = self.control_dir(label)
         ids = self.tok(chat_prompt_text(self.tok, system, question), add_special_tokens=False)["input_ids"]
