@@ -83,7 +83,7 @@ def default_run(runs: list[Run]) -> Run:
     return next((r for r in runs if r.problem() is None), runs[0])
 
 
-_KEEP = re.compile(r"control|generated|base model|own LoRA|retrieval", re.IGNORECASE)
+_KEEP = re.compile(r"control|generated|base model|own LoRA|retrieval|training LoRA", re.IGNORECASE)
 
 
 def report_excerpt(run: Path, root: Path, max_rows: int = 12, name: str = "report.md") -> dict | None:
