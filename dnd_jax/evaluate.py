@@ -74,8 +74,9 @@ class Scorer:
     def check(self, path: Path) -> None:
         check_adapter(Path(path), Path(self.base_dir))
 
-    def score(self, path: Path | None, records: list[dict], protocols) -> dict:
-        """{protocol: metrics} of the adapter at `path` (None: the base model) on `records`."""
+    def activate(self, path: Path | None):
+        """(model, context) with the adapter at `path` attached and active, the previous one removed (None: the base
+        model, adapters disabled inside the context). An adapter already active is not reloaded."""
         import contextlib
 
         from peft import PeftModel
@@ -97,6 +98,11 @@ class Scorer:
                 self.model.delete_adapter(self._loaded)
             self._loaded, self._loaded_path, model, ctx = name, Path(path), self.model, contextlib.nullcontext()
         model.eval()
+        return model, ctx
+
+    def score(self, path: Path | None, records: list[dict], protocols) -> dict:
+        """{protocol: metrics} of the adapter at `path` (None: the base model) on `records`."""
+        model, ctx = self.activate(path)
         res = {}
         with ctx:
             if "ll" in protocols:

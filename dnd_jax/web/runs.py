@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dnd_jax.errors import DndError
@@ -25,6 +25,7 @@ class Run:
     label: str  # path relative to the served directory ("." for itself)
     objective: str  # train.objective: recon, sft, sft+recon or mt_lora
     has_checkpoint: bool
+    config: dict = field(compare=False, repr=False)  # its config.json, as read when the runs were listed
 
     def problem(self) -> str | None:
         """Why this run cannot make adapters from prompts, or None."""
@@ -65,7 +66,7 @@ def find_runs(root: str | Path) -> list[Run]:
                 ck = d / "checkpoints"
                 has = ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir())
                 label = "." if d == root else str(d.relative_to(root))
-                found.append(Run(d, label, c["train"].get("objective", "recon"), has))
+                found.append(Run(d, label, c["train"].get("objective", "recon"), has, c))
                 continue  # a run's own subfolders (checkpoints, tensorboard) hold no runs
             try:
                 nxt += sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -122,8 +122,7 @@ def _generate_args(studio: Studio, body: dict) -> tuple:
     run = studio.run(body.get("run"))
     if run.problem():
         raise DndError(run.problem())
-    info = studio.run_info(run.label)
-    form = info["condition"]
+    form = run.config["data"].get("condition", "prompts")
     text = str(body.get("text") or "")
     is_json = _is_json_list(text)  # an upload or pasted JSON; whatever the file's name or later edits
     if not text.strip():
@@ -135,7 +134,7 @@ def _generate_args(studio: Studio, body: dict) -> tuple:
     if seed and not re.fullmatch(r"[0-9]{1,9}", seed):
         raise DndError(f"seed {seed!r} is not a whole number from 0 to 999999999")
     where = "the uploaded file" if is_json else "prompts"
-    texts = parse_prompts(text, is_json, form, int(seed) if seed else info["seed"], where)  # the CLI's mix draw
+    texts = parse_prompts(text, is_json, form, int(seed) if seed else run.config["seed"], where)  # the CLI's mix draw
     return run.label, texts, int(seed) if seed else None
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
-import json
 import queue
 import threading
 import time
@@ -37,21 +36,19 @@ class Studio:
 
     def __init__(self, root: str | Path, out: str | Path, base: str | None = None, device: str = "cpu",
                  report: str | Path | None = None):  # fmt: skip
-        from dnd_jax.lm import load_base, pick_device
+        from dnd_jax.evaluate import Scorer
 
         self.root, self.out = Path(root), Path(out)
         self.report = Path(report) if report else None
-        rep = self.report
-        if rep is not None and report_excerpt(rep.parent, rep.parent, name=rep.name) is None:
+        if self.report is not None and self.report_of(None) is None:
             raise DndError(f"{self.report}: no report.md with a table of control and generated rows")
         self.runs = {r.label: r for r in find_runs(self.root)}
         self.default = default_run(list(self.runs.values())).label
-        first = self.runs[self.default]
-        self.base_name = base or json.loads((first.path / "config.json").read_text())["collect"]["model"]
-        self.device = pick_device(device)
-        self.lm, self.tok, self.base_dir = load_base(self.base_name, "float32", self.device)
-        self.model = None  # the PeftModel around self.lm, once an adapter is loaded
-        self._gens, self._controls, self._adapters, self._loaded = {}, {}, {}, []
+        self.base_name = base or self.runs[self.default].config["collect"]["model"]
+        # The base LM, loaded once; its adapters attached and swapped as the evaluator does it.
+        self.scorer = Scorer(self.base_name, device)
+        self.tok, self.device = self.scorer.tok, self.scorer.device
+        self._gens, self._controls, self._adapters = {}, {}, {}
 
     # -- runs ---------------------------------------------------------------------------------------------------
     def run(self, label: str | None) -> Run:
@@ -66,16 +63,20 @@ class Studio:
         return {"root": str(self.root), "base": self.base_name, "default": self.default,
                 "runs": [{"label": r.label, "problem": r.problem()} for r in self.runs.values()]}  # fmt: skip
 
+    def report_of(self, run: Run | None) -> dict | None:
+        """The report numbers shown beside `run`: --report's, else the nearest report.md at or above the run."""
+        if self.report is not None:
+            return report_excerpt(self.report.parent, self.report.parent, name=self.report.name)
+        return report_excerpt(run.path, self.root)
+
     def run_info(self, label: str | None) -> dict:
         """The run's settings and its report's headline numbers (so the page never passes for evidence)."""
         run = self.run(label)
-        c = json.loads((run.path / "config.json").read_text())
+        c = run.config
         return {"label": run.label, "problem": run.problem(), "objective": run.objective,
                 "num_texts": c["data"]["num_texts"], "condition": c["data"].get("condition", "prompts"),
                 "steps": c["train"]["steps"], "seed": c["seed"], "train_datasets": c["data"]["train_datasets"],
-                "residual": bool(c["data"].get("target_offset", "")),
-                "report": report_excerpt(*((self.report.parent,) * 2 if self.report else (run.path, self.root)),
-                                         name=self.report.name if self.report else "report.md")}  # fmt: skip
+                "residual": bool(c["data"].get("target_offset", "")), "report": self.report_of(run)}  # fmt: skip
 
     def generator(self, label: str | None):
         from dnd_jax.generate import AdapterGenerator
@@ -93,7 +94,7 @@ class Studio:
         from converters.base_check import check_against_base
 
         try:
-            check_against_base(gen.layout.spec, Path(self.base_dir) / "config.json", where=f"run {run.label}")
+            check_against_base(gen.layout.spec, Path(self.scorer.base_dir) / "config.json", where=f"run {run.label}")
         except DndError as e:
             raise DndError(f"{e} (the server's base model is {self.base_name}; restart it with --base)") from None
 
@@ -125,7 +126,7 @@ class Studio:
                 "made": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}  # fmt: skip
         folder = self.out / aid
         gen.save(lora, folder, info)
-        card = model_card(info, self.base_name, self.run_info(run.label)["report"])
+        card = model_card(info, self.base_name, self.report_of(run))
         (folder / "adapter-0" / "README.md").write_text(card)
         self._adapters[aid] = (folder / "adapter-0", run.label)
         return info
@@ -143,7 +144,6 @@ class Studio:
     def control_dir(self, label: str | None) -> Path | None:
         """The run's prompt-blind control (its training checkpoints' mean tokens, detokenized), made once; None when
         the run's token store is not on this machine."""
-        from dnd_jax.data.prepare import open_token_set
         from dnd_jax.experiments.baselines import mean_tokens, save_tokens_adapter
         from dnd_jax.trainer import load_target_offset
 
@@ -156,7 +156,6 @@ class Studio:
             tokens = load_target_offset(gen.config, gen.layout.shape)
             if tokens is None:
                 tokens = mean_tokens(Path(d.token_dir), list(d.train_datasets), d.real_length)
-            open_token_set(Path(d.token_dir) / d.train_datasets[0])  # the layout's source is still there
         except (DndError, OSError):
             self._controls[run.label] = None
             return None
@@ -192,34 +191,12 @@ class Studio:
                 out[name] = None
                 continue
             progress(f"answering with the {name} {'model' if name == 'base' else 'adapter'}")
-            model, ctx = self._use(path)
+            model, ctx = self.scorer.activate(path)
             t0 = time.perf_counter()
             with ctx:
                 text = generate_batch(model, self.tok, [ids], MAX_NEW_TOKENS, self.device, chars=10**9)[0]
             out[name] = {"text": text.strip(), "seconds": time.perf_counter() - t0}
         return out
-
-    def _use(self, path: Path | None):
-        """(model, context) with the adapter at `path` active (None: the base model, adapters disabled)."""
-        import contextlib
-
-        from peft import PeftModel
-
-        if path is None:
-            return (self.model, self.model.disable_adapter()) if self.model else (self.lm, contextlib.nullcontext())
-        name = "a" + hashlib.sha1(str(path).encode()).hexdigest()[:10]
-        if self.model is None:
-            self.model = PeftModel.from_pretrained(self.lm, str(path), adapter_name=name, is_trainable=False)
-        elif name not in self._loaded:
-            self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-        if name in self._loaded:
-            self._loaded.remove(name)
-        self._loaded.append(name)
-        self.model.set_adapter(name)
-        while len(self._loaded) > 4:  # a few adapters stay loaded; older ones are dropped
-            self.model.delete_adapter(self._loaded.pop(0))
-        self.model.eval()
-        return self.model, contextlib.nullcontext()
 
 
 def model_card(info: dict, base: str, report: dict | None) -> str:
