@@ -172,10 +172,6 @@ def collect(config, out: str | Path) -> Path:
     Returns:
       The dataset's checkpoint folder.
     """
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from tqdm import tqdm
-
     validate_config(config)
     cfg = config_dict(config)
     ds_dir = Path(out) / config.dataset
@@ -188,6 +184,11 @@ def collect(config, out: str | Path) -> Path:
         if manifest.get("complete"):
             print(f"{ds_dir}: already complete ({len(manifest['steps'])} checkpoints)", file=sys.stderr)
             return ds_dir
+    # torch and PEFT only now: a bad config or dataset, or a finished collection, answers in a fraction of a second
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+
     ds_dir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(ds_dir, "collect"):  # one writer; the leftovers below are then nobody's
         for leftover in [*ds_dir.glob(".*.tmp-*"), *ds_dir.glob(".*.old-*")]:  # from a run killed while writing

@@ -144,11 +144,16 @@ def evaluate(base: str, data_dir, dataset: str, adapters: list[tuple[str, str, P
     records = load_split(data_dir, f"{dataset}_{split}")[:limit]
     if {"ll", "gen"} & set(protocols):
         check_records(records, f"{data_dir}/{dataset}_{split}")
-    scorer = Scorer(base, device, batch_size, cutoff_len)
-    for kind, _, p in adapters:  # all checked before any scoring starts
+    from dnd_jax.assets import resolve_model
+
+    base_dir = resolve_model(base)
+    if not (base_dir / "config.json").is_file():
+        raise DndError(f"{base_dir}: not a transformers model directory (no config.json)")
+    for kind, _, p in adapters:  # all checked before any scoring starts (and before torch loads the base model)
         if kind not in KINDS:
             raise DndError(f"adapter {p}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
-        scorer.check(Path(p))
+        check_adapter(Path(p), base_dir)
+    scorer = Scorer(base, device, batch_size, cutoff_len)
     base_dir = scorer.base_dir
     rows = [{"kind": "base", "name": "base", "path": str(base_dir), **scorer.score(None, records, protocols)}]
     scored = {}  # an adapter listed twice (retrieval is also a training LoRA) is scored once

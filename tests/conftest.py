@@ -8,11 +8,28 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one of `-n N` workers: one thread e
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_var] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache per test run, shared by both workers and every process they start: the
+# suite compiles the same tiny programs in many tests and subprocesses (a fresh directory per run, so a run never
+# reads another's entries; removed when the run ends).
+if "DND_JAX_TEST_XLA_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["DND_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="dnd_jax_test_xla_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["DND_JAX_TEST_XLA_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+
+
+def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller (or a run without workers) ends the run
+        import shutil
+
+        shutil.rmtree(os.environ["DND_JAX_TEST_XLA_CACHE"], ignore_errors=True)
 
 
 def pytest_configure(config):

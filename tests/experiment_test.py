@@ -39,7 +39,10 @@ def test_many_task_smoke_end_to_end_and_resume(tmp_path):
     cmd = [sys.executable, "-m", "dnd_jax.experiment", "--config", str(REPO / "configs/many_task_smollm2.py:smoke"),
            f"--workdir={work}", f"--config.experiment.commonsense_dir={data}",
            "--config.experiment.commonsense_tasks=('t1','t2','t3','held')",
-           "--config.experiment.families=('t1=a','t2=a','t3=b','held=b')"]  # fmt: skip
+           "--config.experiment.families=('t1=a','t2=a','t3=b','held=b')",
+           "--config.experiment.secondary=('ll',)"]  # fmt: skip
+    # (one secondary protocol here, the cheap one; "gen" in the experiment: tests/mixed_smoke_test.py's "em", which
+    # shares its greedy generation, and the demo's evaluation)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(REPO)
     first = subprocess.run([*cmd, "--until=train"], env=env, capture_output=True, text=True)  # a stop mid-way
@@ -93,8 +96,10 @@ def test_many_task_smoke_end_to_end_and_resume(tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and again.stderr.count("up to date") == 7, again.stderr[-2000:]
     assert (work / "report.md").read_text().split("## Time to")[0] == report.split("## Time to")[0]
-    # An evaluation-only change re-scores (stored settings differ) without retraining or regenerating.
-    more = subprocess.run([*cmd, "--config.experiment.limit=3"], env=env, capture_output=True, text=True)
+    # An evaluation-only change re-scores (stored settings differ) without retraining or regenerating (the
+    # secondary protocols off as well, to re-score quickly).
+    more = subprocess.run([*cmd, "--config.experiment.limit=3", "--config.experiment.secondary=()"], env=env,
+                          capture_output=True, text=True)  # fmt: skip
     assert more.returncode == 0, more.stderr[-2000:]
     assert "[train/dnd] up to date" in more.stderr and "[adapters/dnd] up to date" in more.stderr
     assert "[evaluate/dnd] running" in more.stderr

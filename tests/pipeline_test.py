@@ -49,9 +49,7 @@ def test_demo_smoke_pipeline_end_to_end_and_resume(tmp_path):
     cmd = demo_smoke_cmd(work, data)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user's machine
     env["PYTHONPATH"] = str(REPO)
-    # compiled once, reused by the re-runs of the kill trials
-    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")  # fmt: skip
+    # (the run's persistent compilation cache, tests/conftest.py, serves the re-runs of the kill trials)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (work / "report.md").read_text()
