@@ -30,6 +30,19 @@ import pytest
 jax.config.update("jax_enable_compilation_cache", False)  # in this process only; what it starts inherits the env
 
 
+# Test files by their time on 2 cores (pytest --durations=0, 2026-12-05), longest first. xdist (--dist loadfile) hands
+# files to the two workers in collection order, so the long ones start first and the short ones fill the gaps at
+# the end, instead of one worker finishing minutes before the other.
+LONGEST_FIRST = ("kill_trials_test", "sft_test", "experiment_test", "pipeline_test", "trainer_test", "ablations_test",
+                 "mixed_smoke_test", "bad_input_test", "extractors_test", "collect_test", "hyperconv_test",
+                 "multihost_test", "evaluate_test", "encoder_test", "learning_test", "causal_lm_test")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a file's own order is kept
+
+
 def pytest_unconfigure(config):
     if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller (or a run without workers) ends the run
         import shutil
