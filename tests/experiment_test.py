@@ -278,3 +278,16 @@ def test_answer_reading_conditions_never_read_scored_items(tmp_path):
     assert [r["prompt"] for r in prompts_only] == [
         r["prompt"] for r in json.loads((data / "held_test.json").read_text())
     ]
+
+
+def test_family_table_puts_bigbench_subtasks_in_their_configured_family():
+    """BIG-bench subtasks are configured as "group/subtask=family" and named "group-subtask" in the data: the report's
+    per-family table puts them in that family, as the fold builder does, not each in a family of its own."""
+    from dnd_jax.experiments.report import _family_section
+
+    e = {"families": ("logical_deduction/three_objects=logic", "epistemic_reasoning=logic", "ARC-c=science")}
+    names = ["logical_deduction-three_objects", "epistemic_reasoning", "ARC-c"]
+    nll = {"control": np.array([1.0, 2.0, 3.0]), "generated:v": np.array([[0.5, 0.7], [1.9, 2.1], [3.5, 3.5]])}
+    table = "\n".join(_family_section(e, names, nll, ["v"]))
+    assert "| logic | 2 | +0.2000 |" in table and "| science | 1 | -0.5000 |" in table, table
+    assert "logical_deduction" not in table

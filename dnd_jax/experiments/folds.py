@@ -17,11 +17,16 @@ from dnd_jax.experiments import leaks
 
 
 def families(c) -> dict[str, str]:
-    """{task: family} from config experiment.families ("task=family" strings; BIG-bench names as in data)."""
+    """{task: family} from config experiment.families."""
+    return family_map(c.experiment.families)
+
+
+def family_map(items) -> dict[str, str]:
+    """{task: family} from "task=family" strings, tasks named as in the data (BIG-bench "a/b" is task "a-b")."""
     from dnd_jax.data.bigbench import task_name
 
     out = {}
-    for item in c.experiment.families:
+    for item in items:
         task, sep, fam = item.partition("=")
         if not sep:
             raise DndError(f"config field experiment.families: {item!r} is not 'task=family'")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dnd_jax.experiments.decisive import headline
+from dnd_jax.experiments.folds import family_map
 from dnd_jax.experiments.sft_report import sft_section
 from dnd_jax.experiments.stats import paired, verdict, within_noise
 from dnd_jax.experiments.tables import (
@@ -266,7 +267,7 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
 def _family_section(e, names: list[str], nll: dict, vnames: list[str]) -> list[str]:
     """What transfers: per family (experiment.families; a task without one is its own), the mean over its held-out
     tasks of control - generated NLL per token (positive: the generator helps there), for each generator variant."""
-    fam = dict(x.split("=", 1) for x in e.get("families", ()))
+    fam = family_map(e.get("families", ()))
     groups: dict[str, list[int]] = {}
     for i, t in enumerate(names):
         groups.setdefault(fam.get(t, t), []).append(i)
