@@ -71,9 +71,6 @@ class Scorer:
         self.batch_size, self.cutoff_len = batch_size, cutoff_len
         self.model, self._loaded, self._loaded_path, self._count = None, None, None, 0
 
-    def check(self, path: Path) -> None:
-        check_adapter(Path(path), Path(self.base_dir))
-
     def activate(self, path: Path | None):
         """(model, context) with the adapter at `path` attached and active, the previous one removed (None: the base
         model, adapters disabled inside the context). An adapter already active is not reloaded."""
@@ -144,17 +141,14 @@ def evaluate(base: str, data_dir, dataset: str, adapters: list[tuple[str, str, P
     records = load_split(data_dir, f"{dataset}_{split}")[:limit]
     if {"ll", "gen"} & set(protocols):
         check_records(records, f"{data_dir}/{dataset}_{split}")
-    from dnd_jax.assets import resolve_model
+    from dnd_jax.lm import model_dir
 
-    base_dir = resolve_model(base)
-    if not (base_dir / "config.json").is_file():
-        raise DndError(f"{base_dir}: not a transformers model directory (no config.json)")
+    base_dir = model_dir(base)
     for kind, _, p in adapters:  # all checked before any scoring starts (and before torch loads the base model)
         if kind not in KINDS:
             raise DndError(f"adapter {p}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
         check_adapter(Path(p), base_dir)
     scorer = Scorer(base, device, batch_size, cutoff_len)
-    base_dir = scorer.base_dir
     rows = [{"kind": "base", "name": "base", "path": str(base_dir), **scorer.score(None, records, protocols)}]
     scored = {}  # an adapter listed twice (retrieval is also a training LoRA) is scored once
     for kind, name, path in tqdm(adapters, desc="adapters", file=sys.stderr):

@@ -18,14 +18,21 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def model_dir(model: str) -> Path:
+    """The directory of a built-in model name or a local directory, checked to hold a transformers config.json
+    (without importing torch: callers check adapters against it before loading the model)."""
+    path = Path(resolve_model(model))
+    if not (path / "config.json").is_file():
+        raise DndError(f"{path}: not a transformers model directory (no config.json)")
+    return path
+
+
 def load_base(model: str, dtype: str = "float32", device: str = "cpu"):
     """Loads (model in eval mode, tokenizer, resolved path) from a built-in name or a local directory."""
     import torch
     import transformers
 
-    path = resolve_model(model)
-    if not (Path(path) / "config.json").is_file():
-        raise DndError(f"{path}: not a transformers model directory (no config.json)")
+    path = model_dir(model)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
         lm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))

@@ -21,12 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 def test_mixed_smoke_generative_task_soft_retrieval_and_prompt_swap(tmp_path):
     data = write_suite(tmp_path / "suite")
     work = tmp_path / "run"
+    # One generator seed here; the many-task smoke (tests/experiment_test.py) trains two.
     cmd = [sys.executable, "-m", "dnd_jax.experiment", "--config", str(REPO / "configs/mixed_task_smollm2.py:smoke"),
            f"--workdir={work}", f"--config.experiment.commonsense_dir={data}",
            "--config.experiment.commonsense_tasks=('t1','t2')", "--config.experiment.limit=3",
            "--config.experiment.families=('navigate=navigate','object_counting=object_counting','tense=tense',"
            "'t1=a','t2=b')", "--config.experiment.seeds=(999,)"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # (one seed here; two: tests/experiment_test.py)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(REPO)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
