@@ -117,9 +117,28 @@ def _with_added_fields(saved: dict, current: dict) -> dict:
     return saved
 
 
+# How often a run saves does not change what it computes: a resumed run may save more or less often (a long run
+# started with rare checkpoints can go on with frequent ones).
+RESUME_FREE = ("train.checkpoint_every", "train.keep_checkpoints")
+
+
+def _without(d: dict, names) -> dict:
+    d = json.loads(json.dumps(d))
+    for name in names:
+        *head, last = name.split(".")
+        node = d
+        for h in head:
+            node = node.get(h) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return d
+
+
 def check_same_config(saved: dict, current: dict, where: str) -> None:
-    """Refuses to resume a run with a config that differs from the one it started with."""
-    saved = _with_added_fields(saved, current)
+    """Refuses to resume a run with a config that differs from the one it started with (fields that only say
+    how often it saves, RESUME_FREE, may change)."""
+    saved = _without(_with_added_fields(saved, current), RESUME_FREE)
+    current = _without(current, RESUME_FREE)
     if saved != current:
         diffs = sorted(_diff(saved, current))
         raise DndError(

@@ -242,3 +242,12 @@ def test_paper_generator_state_fits_16gb_devices_when_sharded():
     assert total == 1_113_203_220
     state_bytes = 3 * 4 * per_device  # params + Adam mu + nu, float32
     assert state_bytes < 2.0e9  # vs 13.4 GB unsharded: room for activations on a 16 GB device
+
+
+def test_resume_may_change_how_often_it_saves_but_not_what_it_computes():
+    from dnd_jax.config_cli import check_same_config
+
+    saved = {"train": {"steps": 60, "learning_rate": 1e-3, "checkpoint_every": 100, "keep_checkpoints": 2}}
+    check_same_config(saved, {"train": {**saved["train"], "checkpoint_every": 10, "keep_checkpoints": 5}}, "w")
+    with pytest.raises(DndError, match=r"w: .*train.learning_rate: 0.001 -> 0.0003"):
+        check_same_config(saved, {"train": {**saved["train"], "checkpoint_every": 10, "learning_rate": 3e-4}}, "w")
