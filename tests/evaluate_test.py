@@ -184,3 +184,32 @@ def test_response_nll_matches_hf_loss_oracle():
         got = response_nll(lm, tok, recs, bs, "cpu", cutoff_len=96)
         assert got["tokens"] == count
         assert got["nll"] == pytest.approx(total / count, abs=2e-4)
+
+
+def test_an_adapter_swapped_in_place_scores_as_a_fresh_load(tmp_path):
+    """Adapters of one layout are copied into the attached one (no re-injection); each score equals the score of
+    the same adapter loaded by PEFT into a fresh model, and an adapter of another layout is loaded through PEFT."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from tests.lora_fixtures import write_tiny_llama
+
+    base = write_tiny_llama(tmp_path / "lm")
+    paths = {}
+    for name, rank, seed in (("a", 2, 0), ("b", 2, 1), ("c", 4, 2), ("d", 4, 3)):
+        torch.manual_seed(seed)
+        lm = transformers.LlamaForCausalLM.from_pretrained(base)
+        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "down_proj"],
+                         init_lora_weights=False)  # fmt: skip
+        get_peft_model(lm, cfg).save_pretrained(tmp_path / name)
+        paths[name] = tmp_path / name
+    recs = [{"prompt": f"Which word comes first: {a} or {b}?", "response": f"[{a}]", "system": SYSTEM}
+            for a, b in zip(WORDS[:4], WORDS[4:8], strict=True)]  # fmt: skip
+    scorer = evaluate.Scorer(str(base), device="cpu", batch_size=2)
+    got = {n: scorer.score(paths[n], recs, ("nll",))["nll"]["nll"] for n in "abcd"}
+    got["base"] = scorer.score(None, recs, ("nll",))["nll"]["nll"]
+    assert scorer.swaps == 2  # b into a's layers, d into c's
+    for n in "abcd":
+        fresh = evaluate.Scorer(str(base), device="cpu", batch_size=2).score(paths[n], recs, ("nll",))["nll"]["nll"]
+        assert got[n] == pytest.approx(fresh, abs=1e-6), n
+    assert len({round(v, 4) for v in got.values()}) == 5  # every adapter (and the base) scores differently
