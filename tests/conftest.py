@@ -34,7 +34,7 @@ jax.config.update("jax_enable_compilation_cache", False)  # in this process only
 # files to the two workers in collection order, so the long ones start first and the short ones fill the gaps at
 # the end, instead of one worker finishing minutes before the other.
 LONGEST_FIRST = ("kill_trials_test", "sft_test", "experiment_test", "pipeline_test", "trainer_test", "ablations_test",
-                 "mixed_smoke_test", "bad_input_test", "extractors_test", "collect_test", "hyperconv_test",
+                 "bad_input_test", "extractors_test", "collect_test", "hyperconv_test",
                  "multihost_test", "evaluate_test", "encoder_test", "learning_test", "causal_lm_test")  # fmt: skip
 
 
