@@ -59,9 +59,12 @@ class Scorer:
       device: "auto", "cpu" or "cuda".
       batch_size: scoring batch size.
       cutoff_len: token cut-off of the nll protocol (the collection's).
+      swap_in_place: copy an adapter of the attached one's layout into its layers (False: every adapter through
+        PEFT's load_adapter, as before; benchmarks/adapter_swap_bench.py times both).
     """
 
-    def __init__(self, base: str, device: str = "auto", batch_size: int = 16, cutoff_len: int = 256):
+    def __init__(self, base: str, device: str = "auto", batch_size: int = 16, cutoff_len: int = 256,
+                 swap_in_place: bool = True):  # fmt: skip
         from dnd_jax.lm import load_base, pick_device
 
         self.device = pick_device(device)
@@ -73,7 +76,7 @@ class Scorer:
         # The attached adapter's config and its LoRA parameters by their saved name: an adapter of the same layout
         # is swapped in by copying its tensors into these (PEFT's load_adapter re-injects every layer: ~0.4 s a
         # swap on SmolLM2-135M, most of a small task's scoring time).
-        self._layout, self._params, self.swaps = None, {}, 0
+        self._layout, self._params, self.swaps, self.swap_in_place = None, {}, 0, swap_in_place
 
     def activate(self, path: Path | None):
         """(model, context) with the adapter at `path` attached and active, the previous one removed (None: the base
@@ -112,7 +115,7 @@ class Scorer:
         import torch
         from safetensors.torch import load_file
 
-        if self._loaded is None or self._layout is None or _layout(path) != self._layout:
+        if not self.swap_in_place or self._loaded is None or self._layout is None or _layout(path) != self._layout:
             return False
         file = path / "adapter_model.safetensors"
         if not file.is_file():
