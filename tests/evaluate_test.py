@@ -186,6 +186,7 @@ def test_response_nll_matches_hf_loss_oracle():
         assert got["nll"] == pytest.approx(total / count, abs=2e-4)
 
 
+@pytest.mark.needs_models  # the tiny Llama carries SmolLM2's tokenizer
 def test_an_adapter_swapped_in_place_scores_as_a_fresh_load(tmp_path):
     """Adapters of one layout are copied into the attached one (no re-injection); each score equals the score of
     the same adapter loaded by PEFT into a fresh model, and an adapter of another layout is loaded through PEFT."""
@@ -213,3 +214,20 @@ def test_an_adapter_swapped_in_place_scores_as_a_fresh_load(tmp_path):
         fresh = evaluate.Scorer(str(base), device="cpu", batch_size=2).score(paths[n], recs, ("nll",))["nll"]["nll"]
         assert got[n] == pytest.approx(fresh, abs=1e-6), n
     assert len({round(v, 4) for v in got.values()}) == 5  # every adapter (and the base) scores differently
+
+
+@pytest.mark.needs_models  # the tiny Llama carries SmolLM2's tokenizer
+def test_evaluate_benchmark_runs_on_a_tiny_model(tmp_path):
+    """benchmarks/evaluate_bench.py end to end on a tiny random Llama (its figures need SmolLM2; its code must not
+    rot between runs): every section prints, and the scores of the two ways agree."""
+    from tests.lora_fixtures import write_tiny_llama
+
+    base = write_tiny_llama(tmp_path / "lm")
+    data = write_fixed_answer_dataset(tmp_path / "data", n=28)
+    r = subprocess.run([sys.executable, "benchmarks/evaluate_bench.py", "--base", str(base), "--data", str(data),
+                        "--dataset", "fixed", "--limit", "4", "--adapters", "2", "--batch-size", "2"], cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = {ln.split(":")[0]: ln for ln in r.stdout.splitlines()}
+    assert {"CPU", "ll ", "gen", "swap"} <= set(lines), r.stdout
+    assert float(lines["swap"].rsplit(" ", 1)[1]) == 0.0  # the same weights either way: the same scores
