@@ -5,7 +5,8 @@
       --limit 200 --out runs/eval/arc_c
 
 The base model is loaded once; adapters are attached, scored and removed in turn (PEFT
-load_adapter / set_adapter / delete_adapter), never reloading the model. Protocols
+load_adapter / set_adapter / delete_adapter), never reloading the model; an adapter with the attached
+one's layout (config, tensor names and shapes) is copied into its layers instead. Protocols
 (dnd_jax/protocols/):
   ll   multiple-choice log-likelihood with lm-evaluation-harness's generic template: context
        "Question: <stem>\\nAnswer:", one continuation " <choice>" per option; acc = argmax of the
