@@ -3,6 +3,7 @@ rows in the same run.
 
   PYTHONPATH=. python benchmarks/sft_step.py [--lm smollm2|qwen2.5-0.5b] [--tasks 8] [--examples 4] [--length 256]
                                              [--repeats 3] [--dtype float32|bfloat16] [--weights random|real]
+                                             [--response 0.25]
 
 Ours: the jitted `sft` train step as the trainer runs it: the frozen MiniLM-L6-shaped extractor on B x N prompts,
 the many-task generator (configs/many_task_smollm2.py's shapes, its last layer the LM's token layout), detokenize,
@@ -60,11 +61,12 @@ def random_rows(rng, shape, vocab: int, response: float = 0.25):
     """ids, mask, labels [..., S]: full-length rows, the last `response` fraction labelled."""
     ids = rng.integers(10, vocab, size=shape).astype(np.int32)
     mask = np.ones(shape, np.int32)
-    labels = np.where(np.arange(shape[-1]) >= int(shape[-1] * (1 - response)), ids, -100).astype(np.int32)
+    labels = np.where(np.arange(shape[-1]) >= shape[-1] - max(round(shape[-1] * response), 1), ids, -100)
+    labels = labels.astype(np.int32)
     return ids, mask, labels
 
 
-def jax_sft_step(args, hf, layout) -> float:
+def jax_sft_step(args, hf, layout, head_at_labels: bool = False) -> float:
     from dnd_jax import lora_tokens, trainer
     from dnd_jax.models.causal_lm import CausalLM, spec_scales
     from dnd_jax.models.decoder_lm import DecoderConfig
@@ -97,9 +99,13 @@ def jax_sft_step(args, hf, layout) -> float:
            "weight": jnp.ones(layout.num_tokens, jnp.float32)}  # fmt: skip
     b, n, length = args.tasks, c.data.num_texts, c.data.max_text_length
     p_ids, p_mask, _ = random_rows(rng, (b, n, length), 30522)
-    s_ids, s_mask, s_labels = random_rows(rng, (b, args.examples, args.length), hfd["vocab_size"])
+    s_ids, s_mask, s_labels = random_rows(rng, (b, args.examples, args.length), hfd["vocab_size"], args.response)
     host = dict(input_ids=p_ids, attention_mask=p_mask, sft_ids=s_ids, sft_mask=s_mask, sft_labels=s_labels,
                 tokens=np.zeros((b, *layout.shape), np.float32))  # fmt: skip
+    if head_at_labels:  # what the trainer's batches carry when sft.bucket > 0
+        from dnd_jax.models.causal_lm import label_positions
+
+        host["sft_pos"] = label_positions(s_labels)
     batch = {k: jnp.asarray(v) for k, v in host.items()}
     jitted = jax.jit(step, donate_argnums=(0,))
     box = {"state": jax.jit(trainer.make_init_state(c))()}
@@ -148,6 +154,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--weights", default="random", choices=("random", "real"))
+    ap.add_argument("--response", type=float, default=0.25, help="labelled fraction of each example (its end)")
     ap.add_argument("--skip_torch", action="store_true")
     args = ap.parse_args()
     hf = hf_config(args.lm)
@@ -157,6 +164,9 @@ def main() -> None:
              args.examples, "length": args.length, "dtype": args.dtype, "tokens": list(layout.shape)}  # fmt: skip
     ours = jax_sft_step(args, hf, layout)
     print(json.dumps({**where, "what": "dnd_jax sft step (encoder + generator + LM, per-row LoRA)", "s": ours}))
+    at_labels = jax_sft_step(args, hf, layout, head_at_labels=True)
+    print(json.dumps({**where, "what": "the same, the LM head at the label positions only (sft.bucket > 0)",
+                      "response": args.response, "s": at_labels, "ratio": at_labels / ours}))  # fmt: skip
     if not args.skip_torch:
         base = torch_lora_step(args, hf)
         print(json.dumps({**where, "what": "torch+peft LoRA SFT step (LM only)", "s": base, "ratio": ours / base}))

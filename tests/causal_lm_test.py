@@ -26,7 +26,7 @@ from converters.peft_to_jax import state_dict_to_pytree
 from dnd_jax.assets import SMOLLM2, smollm2_path
 from dnd_jax.errors import DndError
 from dnd_jax.lm import encode_sft_example, load_base
-from dnd_jax.models.causal_lm import PROJECTIONS, load_causal_lm, response_nll, spec_scales
+from dnd_jax.models.causal_lm import PROJECTIONS, label_positions, load_causal_lm, response_nll, spec_scales
 
 pytestmark = pytest.mark.needs_models
 
@@ -44,11 +44,13 @@ def _functional(model):
     def logits(st, ids, mask, lora, scale):
         return nnx.merge(graphdef, st)(ids, mask, lora, scale)
 
-    def nll(lora, st, ids, mask, labels, scale):
+    def nll(lora, st, ids, mask, labels, scale, positions=None):
+        if positions is not None:  # the head at the label positions only (SFT batches)
+            return response_nll(nnx.merge(graphdef, st), ids, mask, labels, lora, scale, positions=positions)
         return response_nll(lambda *a: logits(st, *a), ids, mask, labels, lora, scale)
 
     fwd, grad = jax.jit(logits), jax.jit(jax.value_and_grad(nll))
-    return lambda *a: fwd(state, *a), lambda lora, *a: grad(lora, state, *a)
+    return lambda *a: fwd(state, *a), lambda lora, *a, **k: grad(lora, state, *a, **k)
 
 
 def _random_adapter(peft_model, name: str, seed: int) -> None:
@@ -137,6 +139,10 @@ def test_nll_gradient_in_lora_matches_torch_autograd(setup):
     t0 = time.perf_counter()
     nll, grads = s["fns"][1](s["lora"], s["ids"], s["mask"], s["labels"], s["scale"])
     print(f"JAX value_and_grad (compile + run): {time.perf_counter() - t0:.1f} s")
+    positions = label_positions(s["labels"])
+    counts = (s["labels"][:, 1:] != -100).sum(1)
+    assert positions.shape[1] < s["ids"].shape[1] and ((positions >= 0).sum(1) == counts).all() and counts.min() > 0
+    nll_p, grads_p = s["fns"][1](s["lora"], s["ids"], s["mask"], s["labels"], s["scale"], positions=positions)
     peft_model = s["peft"]
     params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
     for p in params.values():
@@ -146,20 +152,31 @@ def test_nll_gradient_in_lora_matches_torch_autograd(setup):
                         adapter_names=list(ADAPTERS)).logits[:, :-1].double()  # fmt: skip
     loss = F.cross_entropy(logits.flatten(0, 1), torch.tensor(s["labels"])[:, 1:].flatten(), ignore_index=-100)
     loss.backward()
-    err, ref, leaf = np.zeros(2), np.zeros(2), 0.0
-    for name, p in params.items():  # base_model.model.model.layers.3.self_attn.q_proj.lora_A.row0.weight
-        path, ab, adapter = name.removeprefix("base_model.model.model.").rsplit(".", 3)[:3]
-        node, row = grads, ADAPTERS.index(adapter)
-        for part in path.split("."):
-            node = node[part]
-        got, want = np.asarray(node["lora_" + ab[-1].lower()][row]).T, p.grad.numpy()
-        err[row], ref[row] = max(err[row], np.abs(got - want).max()), max(ref[row], np.abs(want).max())
-        leaf = max(leaf, np.abs(got - want).max() / np.abs(want).max())
-    print(f"NLL {float(nll):.6f} (torch {loss.item():.6f}); {len(params)} LoRA leaves: max |grad err| / max |grad| "
-          f"per adapter {err / ref}, per leaf {leaf:.1e}")  # fmt: skip
     assert len(params) == 2 * 7 * 30 * 2
-    assert abs(float(nll) - loss.item()) < 1e-5 * loss.item()  # the logits differ by up to 2e-4
-    assert (err / ref).max() < 1e-4 and leaf < 1e-3
+    for how, value, tree in (("all positions", nll, grads), ("label positions", nll_p, grads_p)):
+        err, ref, leaf = np.zeros(2), np.zeros(2), 0.0
+        for name, p in params.items():  # base_model.model.model.layers.3.self_attn.q_proj.lora_A.row0.weight
+            path, ab, adapter = name.removeprefix("base_model.model.model.").rsplit(".", 3)[:3]
+            node, row = tree, ADAPTERS.index(adapter)
+            for part in path.split("."):
+                node = node[part]
+            got, want = np.asarray(node["lora_" + ab[-1].lower()][row]).T, p.grad.numpy()
+            err[row], ref[row] = max(err[row], np.abs(got - want).max()), max(ref[row], np.abs(want).max())
+            leaf = max(leaf, np.abs(got - want).max() / np.abs(want).max())
+        print(f"head at {how}: NLL {float(value):.6f} (torch {loss.item():.6f}); {len(params)} LoRA leaves: "
+              f"max |grad err| / max |grad| per adapter {err / ref}, per leaf {leaf:.1e}")  # fmt: skip
+        assert abs(float(value) - loss.item()) < 1e-5 * loss.item()  # the logits differ by up to 2e-4
+        assert (err / ref).max() < 1e-4 and leaf < 1e-3
+
+
+def test_label_positions_are_each_rows_label_slots_padded_to_a_power_of_two():
+    labels = np.full((3, 40), -100)
+    labels[0, 5:8], labels[1, 30:40] = 1, 2  # 3 and 10 label tokens; row 2 has none
+    pos = label_positions(labels)
+    assert pos.shape == (3, 16) and pos.dtype == np.int32  # 10 -> 16 (powers of two from 8)
+    assert pos[0, :3].tolist() == [4, 5, 6] and (pos[0, 3:] == -1).all()  # position t predicts label t + 1
+    assert pos[1, :10].tolist() == list(range(29, 39)) and (pos[2] == -1).all()
+    assert label_positions(labels[:1]).shape == (1, 8) and label_positions(labels[None]).shape == (1, 3, 16)
 
 
 def test_bad_lora_leaves_raise(setup):

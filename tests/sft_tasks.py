@@ -84,5 +84,6 @@ def write_family(tmp: Path) -> dict:
             "data.prompts_dir": str(tmp / "prompts"), "data.real_length": 2, "data.chunk": 32,
             "data.num_texts": 4, "data.max_text_length": 16, "data.allow_mixed_init": True,
             "model.features": ((4, 16, 384), (32, 16, 64), (87, 10, 34)), "sft.cutoff_len": 64, "sft.examples": 4,
+            "sft.bucket": 64,  # = the cut-off: one compiled length, and the head at the label positions only
             "train.batch_size": 8, "train.log_every": 10, "train.eval_every": 0, "train.checkpoint_every": 50,
             "train.progress": False, "encoder.train_dropout": False}  # fmt: skip

@@ -72,6 +72,10 @@ class CausalLM(nnx.Module):
         Returns:
           float32 [B, L, V] logits.
         """
+        return self.logits(self.hidden(input_ids, attention_mask, lora, scale))
+
+    def hidden(self, input_ids, attention_mask, lora=None, scale=None):
+        """The final normed hidden states [B, L, D] (compute dtype): `__call__` less the head."""
         cfg, dec = self.cfg, self.decoder
         length = input_ids.shape[-1]
         cos, sin = rotary(length, cfg.head_dim, cfg.rope_theta)
@@ -81,9 +85,13 @@ class CausalLM(nnx.Module):
         x_bld = dec.embed(input_ids)
         for i, layer in enumerate(dec.layers):
             x_bld = _adapted(layer, adapters[i], scale, i)(x_bld, bias_b1ll, cos, sin)
-        x_bld = self.norm(x_bld)
+        return self.norm(x_bld)
+
+    def logits(self, x_bld):
+        """The LM head on hidden states [..., D]: float32 [..., V]."""
+        dec = self.decoder
         head_vd = dec.embed.embedding[...] if self.lm_head is None else self.lm_head.kernel[...].T
-        return jnp.einsum("bld,vd->blv", x_bld, head_vd.astype(x_bld.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,vd->...v", x_bld, head_vd.astype(x_bld.dtype), preferred_element_type=jnp.float32)
 
 
 def _adapted(layer: DecoderLayer, adapters: dict, scale, index: int) -> Callable:
@@ -154,7 +162,21 @@ def spec_scales(spec) -> dict[str, float]:
     return {"/".join(spec.tree_path(m)): float(m.scale) for m in spec.modules}
 
 
-def response_nll(model_or_fn: Callable, input_ids, attention_mask, labels, lora=None, scale=None):
+def label_positions(labels: np.ndarray, multiple: int = 8) -> np.ndarray:
+    """The positions whose logits `response_nll` needs (t where labels[..., t + 1] is a label), per row, padded with
+    -1 to the batch's most, rounded up to a power of two >= `multiple` (few compiled shapes): int32 [..., P]."""
+    valid = labels[..., 1:] != IGNORE
+    most = max(int(valid.sum(-1).max(initial=0)), 1)
+    width = max(multiple, 1 << (most - 1).bit_length())
+    flat = valid.reshape(-1, valid.shape[-1])
+    out = np.full((flat.shape[0], width), -1, np.int32)
+    for i, row in enumerate(flat):
+        t = np.flatnonzero(row)
+        out[i, : len(t)] = t
+    return out.reshape(*labels.shape[:-1], width)
+
+
+def response_nll(model_or_fn: Callable, input_ids, attention_mask, labels, lora=None, scale=None, positions=None):
     """HF's causal-LM loss: mean NLL of every label token of the batch, float32 (differentiable in `lora`).
 
     Args:
@@ -165,12 +187,22 @@ def response_nll(model_or_fn: Callable, input_ids, attention_mask, labels, lora=
         position t's logits predict labels[t + 1].
       lora: the per-row LoRA pytree (see `CausalLM.__call__`) or None.
       scale: its scale (see `CausalLM.__call__`).
+      positions: None, or `label_positions(labels)` [B, P] with a `CausalLM`: the head runs at those positions
+        only (the labels' own, a few per row in SFT batches) instead of all L, the same loss for a fraction of
+        the head's work and none of the [B, L, V] logits.
 
     Returns:
       scalar float32; 0 when there is no label token.
     """
-    logits_blv = model_or_fn(input_ids, attention_mask, lora, scale)[:, :-1].astype(jnp.float32)
-    target_bl = labels[:, 1:]
+    if positions is not None:
+        x_bld = model_or_fn.hidden(input_ids, attention_mask, lora, scale)
+        at_bp = jnp.maximum(positions, 0)
+        x_bpd = jnp.take_along_axis(x_bld, at_bp[..., None], axis=1)
+        logits_blv = model_or_fn.logits(x_bpd).astype(jnp.float32)
+        target_bl = jnp.where(positions >= 0, jnp.take_along_axis(labels, at_bp + 1, axis=1), IGNORE)
+    else:
+        logits_blv = model_or_fn(input_ids, attention_mask, lora, scale)[:, :-1].astype(jnp.float32)
+        target_bl = labels[:, 1:]
     valid_bl = target_bl != IGNORE
     picked_bl = jnp.take_along_axis(logits_blv, jnp.where(valid_bl, target_bl, 0)[..., None], axis=-1)[..., 0]
     # log-sum-exp - picked, both relative to the max logit: `lse - picked` in float32 would round at

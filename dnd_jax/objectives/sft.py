@@ -165,9 +165,13 @@ class SftSampler:
         compiled shape). Taken over the global batch, so that every process cuts alike."""
         if not self.bucket:
             return batch
+        from dnd_jax.models.causal_lm import label_positions
+
         longest = int(batch["sft_mask"].sum(-1).max())
         length = min(-(-longest // self.bucket) * self.bucket, batch["sft_ids"].shape[-1])
-        return {k: v[..., :length] if k.startswith("sft_") else v for k, v in batch.items()}
+        batch = {k: v[..., :length] if k.startswith("sft_") else v for k, v in batch.items()}
+        # the positions the loss reads (the head runs there only; shapes bucketed too)
+        return {**batch, "sft_pos": label_positions(batch["sft_labels"])}
 
     def row(self, token_set, rng) -> dict:
         from dnd_jax.data.pairs import prompt_indices
@@ -256,7 +260,8 @@ def make_steps(config, graphdef, enc_graphdef, lm_graphdef, tx, schedule, layout
             rows = jax.tree.map(lambda x: jnp.repeat(x, m, axis=0), lora)
         lm = nnx.merge(lm_graphdef, jax.lax.stop_gradient(aux["lm"]))
         flat = [batch[k].reshape(b * m, length) for k in ("sft_ids", "sft_mask", "sft_labels")]
-        nll = response_nll(lm, *flat, rows, scale)
+        pos = batch["sft_pos"].reshape(b * m, -1) if "sft_pos" in batch else None
+        nll = response_nll(lm, *flat, rows, scale, positions=pos)
         out = {"nll": nll, "l2": l2_distance(lora, aux["centre"])}
         if objective == "sft+recon":
             out["recon"] = weighted_mse(pred, batch["tokens"], aux["weight"])
