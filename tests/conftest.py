@@ -23,9 +23,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Transparent huge pages for malloc in the processes this run starts (the xdist workers and the commands they run;
-# glibc reads it at start-up, so not in this one): fewer page faults on XLA's and PyTorch's large buffers.
-os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
 
 import jax
 import pytest
