@@ -144,9 +144,6 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     c.sft.bucket = 0
     # LM compute dtype (its weights stay float32; the loss is float32).
     c.sft.compute_dtype = "float32"
-    # Recompute each LM layer's activations in the backward pass (jax.checkpoint per layer): one layer's activation
-    # memory instead of all of them, for about a third more compute (long examples on small machines).
-    c.sft.remat = False
     # L2 penalty on the adapter's distance from the control: sum over modules of mean(dA^2) + mean(dB^2).
     c.sft.l2 = 1e-3
     # Weight of the reconstruction term in "sft+recon".

@@ -102,7 +102,6 @@ ADDED_FIELDS = {
     "experiment.train_tasks": 0,
     "experiment.run_folds": [],
     "experiment.shots": 0,
-    "sft.remat": False,
 }
 
 

@@ -58,9 +58,6 @@ class CausalLM(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         kw = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.lm_head = None if tie_embeddings else nnx.Linear(cfg.hidden_size, cfg.vocab_size, **kw)
-        # Recompute each layer's activations in the backward pass instead of keeping them (jax.checkpoint per
-        # layer): the memory of one layer's instead of every layer's, for about one more forward of compute.
-        self.remat = False
 
     def __call__(self, input_ids, attention_mask, lora=None, scale=None):
         """Logits of every position.
@@ -87,8 +84,7 @@ class CausalLM(nnx.Module):
         adapters = layer_adapters(lora, cfg.depth, input_ids.shape[0])
         x_bld = dec.embed(input_ids)
         for i, layer in enumerate(dec.layers):
-            run = _adapted(layer, adapters[i], scale, i)
-            x_bld = jax.checkpoint(run)(x_bld, bias_b1ll, cos, sin) if self.remat else run(x_bld, bias_b1ll, cos, sin)
+            x_bld = _adapted(layer, adapters[i], scale, i)(x_bld, bias_b1ll, cos, sin)
         return self.norm(x_bld)
 
     def logits(self, x_bld):

@@ -124,7 +124,6 @@ def load_parts(config, data) -> SftParts:
             raise DndError(f"{task}: {len(recs)} labelled examples in its train split, fewer than "
                            f"sft.examples={s.examples}")  # fmt: skip
     lm, tok, cfg = load_causal_lm(name, jnp.dtype(s.compute_dtype))
-    lm.remat = bool(s.get("remat", False))
     scale = spec_scales(spec)
     for path in scale:
         if int(path.split("/")[1]) >= cfg.depth:
