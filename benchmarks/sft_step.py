@@ -3,7 +3,7 @@ rows in the same run.
 
   PYTHONPATH=. python benchmarks/sft_step.py [--lm smollm2|qwen2.5-0.5b] [--tasks 8] [--examples 4] [--length 256]
                                              [--repeats 3] [--dtype float32|bfloat16] [--weights random|real]
-                                             [--response 0.25] [--head both|all|labels] [--remat]
+                                             [--response 0.25] [--head both|all|labels]
 
 Ours: the jitted `sft` train step as the trainer runs it: the frozen MiniLM-L6-shaped extractor on B x N prompts,
 the many-task generator (configs/many_task_smollm2.py's shapes, its last layer the LM's token layout), detokenize,
@@ -86,7 +86,6 @@ def jax_sft_step(args, hf, layout, head_at_labels: bool = False) -> float:
 
         lm, _, _ = load_causal_lm("smollm2-135m-instruct", dt)
         encoder, _ = load_extractor(c.encoder)
-    lm.remat = c.sft.remat = args.remat
     gen = generator_config(c)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: HyperConvDecoder(gen, nnx.Rngs(0))), nnx.Param)
     enc_graphdef, enc_state = nnx.split(encoder)
@@ -162,7 +161,6 @@ def main() -> None:
         choices=("both", "all", "labels"),
         help="the LM head at all positions, at the label positions only (the trainer's batches), or both",
     )
-    ap.add_argument("--remat", action="store_true", help="sft.remat: recompute each LM layer in the backward pass")
     ap.add_argument("--skip_torch", action="store_true")
     args = ap.parse_args()
     hf = hf_config(args.lm)
@@ -170,7 +168,6 @@ def main() -> None:
     layout = lora_tokens.make_layout(spec_from_config(hf, r=8, alpha=16, dtype="float32"), chunk)
     where = {"device": str(jax.devices()[0].device_kind), "cpu": describe(), "lm": args.lm, "rows": args.tasks *
              args.examples, "length": args.length, "dtype": args.dtype, "tokens": list(layout.shape)}  # fmt: skip
-    where["remat"] = args.remat
     ours = None
     if args.head in ("both", "all"):
         ours = jax_sft_step(args, hf, layout)
