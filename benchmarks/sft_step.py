@@ -3,7 +3,7 @@ rows in the same run.
 
   PYTHONPATH=. python benchmarks/sft_step.py [--lm smollm2|qwen2.5-0.5b] [--tasks 8] [--examples 4] [--length 256]
                                              [--repeats 3] [--dtype float32|bfloat16] [--weights random|real]
-                                             [--response 0.25] [--head both|all|labels]
+                                             [--response 0.25] [--head both|all|labels] [--microbatches 1]
 
 Ours: the jitted `sft` train step as the trainer runs it: the frozen MiniLM-L6-shaped extractor on B x N prompts,
 the many-task generator (configs/many_task_smollm2.py's shapes, its last layer the LM's token layout), detokenize,
@@ -75,6 +75,7 @@ def jax_sft_step(args, hf, layout, head_at_labels: bool = False) -> float:
     from dnd_jax.objectives import sft
 
     c = make_config(layout, args.tasks, args.examples, args.dtype)
+    c.sft.microbatches = args.microbatches
     dt = jnp.dtype(args.dtype)
     hfd = hf.to_dict()
     cfg = DecoderConfig.from_hf(hfd, "config", num_layers=hfd["num_hidden_layers"])
@@ -161,13 +162,15 @@ def main() -> None:
         choices=("both", "all", "labels"),
         help="the LM head at all positions, at the label positions only (the trainer's batches), or both",
     )
+    ap.add_argument("--microbatches", type=int, default=1, help="sft.microbatches: row groups run one after another")
     ap.add_argument("--skip_torch", action="store_true")
     args = ap.parse_args()
     hf = hf_config(args.lm)
     chunk = 64 if args.lm == "smollm2" else 128
     layout = lora_tokens.make_layout(spec_from_config(hf, r=8, alpha=16, dtype="float32"), chunk)
     where = {"device": str(jax.devices()[0].device_kind), "cpu": describe(), "lm": args.lm, "rows": args.tasks *
-             args.examples, "length": args.length, "dtype": args.dtype, "tokens": list(layout.shape)}  # fmt: skip
+             args.examples, "length": args.length, "dtype": args.dtype, "tokens": list(layout.shape),
+             "microbatches": args.microbatches}  # fmt: skip
     ours = None
     if args.head in ("both", "all"):
         ours = jax_sft_step(args, hf, layout)

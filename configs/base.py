@@ -144,6 +144,9 @@ def get_config(target: str, train_datasets, steps: int, arg: str | None = None) 
     c.sft.bucket = 0
     # LM compute dtype (its weights stay float32; the loss is float32).
     c.sft.compute_dtype = "float32"
+    # Row groups a step runs one after another, gradients summed (the same loss; the LM's activation memory of one
+    # group): for long examples on a small machine. It must divide train.batch_size; sft and mt_lora only.
+    c.sft.microbatches = 1
     # L2 penalty on the adapter's distance from the control: sum over modules of mean(dA^2) + mean(dB^2).
     c.sft.l2 = 1e-3
     # Weight of the reconstruction term in "sft+recon".

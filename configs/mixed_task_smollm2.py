@@ -172,6 +172,9 @@ def get_config(arg=None):
         c.experiment.limit = 16
         c.experiment.secondary_limit = 8
         c.experiment.training_sample = 1
+        # SFT mode on 512-token examples in 24 GB: a step's 16 rows in 4 groups of 4 (the same loss; XLA asked for one
+        # 26 GB buffer in one pass, 10 GB peak in 4 groups, 33 s a step on the 2-core EPYC: benchmarks/README.md).
+        c.sft.microbatches = 4
     # Every generator variant is also scored with swapped prompts (own vs swapped: does it use them).
     c.experiment.prompt_swap = True
     # The primary comparison, fixed here before any run: the report opens with each generator vs the best

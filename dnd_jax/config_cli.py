@@ -102,6 +102,7 @@ ADDED_FIELDS = {
     "experiment.train_tasks": 0,
     "experiment.run_folds": [],
     "experiment.shots": 0,
+    "sft.microbatches": 1,
 }
 
 

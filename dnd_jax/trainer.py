@@ -92,7 +92,8 @@ def exit_if_stopped(result: dict, workdir) -> None:
         raise SystemExit(0)
 
 
-_POSITIVE = ("train.steps", "train.batch_size", "sft.examples", "sft.cutoff_len", "train.log_every",
+_POSITIVE = ("train.steps", "train.batch_size", "sft.examples", "sft.cutoff_len", "sft.microbatches",
+             "train.log_every",
              "train.checkpoint_every", "train.keep_checkpoints",
              "train.eval_batches", "data.num_texts", "data.max_text_length", "data.real_length", "data.chunk",
              "model.kernel_size")  # fmt: skip
@@ -123,7 +124,11 @@ def validate_config(config) -> None:
     from dnd_jax.data.prompts import check_condition
     from dnd_jax.objectives.sft import objective_of
 
-    objective_of(config)
+    objective = objective_of(config)
+    groups = config.get("sft", {}).get("microbatches", 1)
+    if groups > 1 and (objective not in ("sft", "mt_lora") or get("train.batch_size") % groups):
+        raise DndError(f"config field sft.microbatches={groups}: needs train.objective sft or mt_lora and a "
+                       f"train.batch_size ({get('train.batch_size')}) it divides")  # fmt: skip
 
     check_condition(config.data.get("condition", "prompts"))
     if get("model.kernel_size") % 2 == 0:

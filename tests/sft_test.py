@@ -102,6 +102,23 @@ def test_sft_step_sharded_matches_single_device(family, tmp_path):
     assert sharded["eval_start"]["heldout/generated_mean_square"] == 0.0
 
 
+@pytest.mark.parametrize("objective", ["sft", "mt_lora"])
+def test_microbatches_give_the_whole_batch_loss_and_gradient(family, tmp_path, objective):
+    """sft.microbatches=4 runs the step's rows in 4 groups (lax.scan), gradients summed: the second step's loss, its
+    terms and the gradient norm equal the one-pass step's (noise off, so both draw nothing random; after one AdamW
+    step the parameters differ by rounding only, and the L2 term is no longer 0)."""
+    over = {"train.steps": 2, "train.objective": objective, "train.noise_condition": 0.0, "mesh.shape": (1, 1)}
+    one, four = (trainer.train_and_evaluate(config(family, **over, **{"sft.microbatches": g}), tmp_path / str(g),
+                                            devices=jax.devices()[:1]) for g in (1, 4))  # fmt: skip
+    for name in ("loss", "nll", "l2", "grad_norm"):
+        np.testing.assert_allclose(four["last_metrics"][name], one["last_metrics"][name], rtol=1e-3, err_msg=name)
+    assert one["last_metrics"]["grad_norm"] > 0 and one["last_metrics"]["l2"] > 0
+    with pytest.raises(DndError, match=r"sft.microbatches=3: needs .* train.batch_size \(8\)"):
+        trainer.train_and_evaluate(config(family, **over, **{"sft.microbatches": 3}), tmp_path / "3",
+                                   devices=jax.devices()[:1])  # fmt: skip
+    assert not (tmp_path / "3").exists()  # nothing written
+
+
 def test_sft_plus_recon_adds_the_weighted_reconstruction_loss(family, tmp_path):
     over = {"train.steps": 1, "train.objective": "sft+recon", "sft.recon_weight": 0.5, "sft.l2": 0.01,
             "mesh.shape": (1, 1)}  # fmt: skip

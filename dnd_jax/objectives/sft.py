@@ -229,7 +229,7 @@ def make_steps(config, graphdef, enc_graphdef, lm_graphdef, tx, schedule, layout
     aux: {"enc": extractor state, "lm": frozen LM state, "control": control tokens [T, R, K],
     "centre": the control's adapter, "weight": [T] recon weight}. `graphdef` is None for mt_lora.
     """
-    from dnd_jax.models.causal_lm import response_nll
+    from dnd_jax.models.causal_lm import IGNORE, response_nll
 
     t, s, e = config.train, config.sft, config.encoder
     objective = objective_of(config)
@@ -276,9 +276,43 @@ def make_steps(config, graphdef, enc_graphdef, lm_graphdef, tx, schedule, layout
         out = losses(params, aux, batch, key)
         return total(out), out
 
+    groups = int(s.get("microbatches", 1) or 1)  # checked by trainer.validate_config
+
+    def accumulated(params, aux, batch, key):
+        """((loss, metrics), grads) of the whole batch from `groups` row groups run one after another (lax.scan),
+        so the LM's backward holds one group's activations: the same mean NLL over every label token of the batch
+        (each group's weighted by its label count), the L2 term the mean over groups. Group g is rows g, g + G, ...
+        (the sharded leading axis stays leading)."""
+        b = batch["sft_ids"].shape[0]
+        split = {k: jnp.swapaxes(v.reshape(b // groups, groups, *v.shape[1:]), 0, 1) for k, v in batch.items()}
+        labels = split["sft_labels"][..., 1:] != IGNORE
+        counts = jnp.sum(labels, axis=tuple(range(1, labels.ndim))).astype(jnp.float32)
+        weights = counts / jnp.maximum(counts.sum(), 1.0)
+
+        def group_value(p, part, k, w):
+            out = losses(p, aux, part, k)
+            return w * out["nll"] + s.l2 * out["l2"] / groups, out
+
+        def body(carry, xs):
+            g, part, w = xs
+            grad_fn = jax.value_and_grad(group_value, has_aux=True)
+            (value, out), grads = grad_fn(params, part, jax.random.fold_in(key, g), w)
+            v, acc, mets = carry
+            mets = {n: mets[n] + out[n] * (w if n == "nll" else 1.0 / groups) for n in mets}
+            return (v + value, jax.tree.map(jnp.add, acc, grads), mets), None
+
+        shapes = jax.eval_shape(losses, params, aux, {k: v[0] for k, v in split.items()}, key)
+        init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params),
+                {n: jnp.zeros(x.shape, x.dtype) for n, x in shapes.items()})  # fmt: skip
+        (value, grads, mets), _ = jax.lax.scan(body, init, (jnp.arange(groups), split, weights))
+        return (value, mets), grads
+
     def train_step(state, aux, batch):
         key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], aux, batch, key)
+        if groups > 1:
+            (loss, out), grads = accumulated(state["params"], aux, batch, key)
+        else:
+            (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], aux, batch, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, **out, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
