@@ -106,14 +106,19 @@ ADDED_FIELDS = {
 }
 
 
+def _parent(d, name: str) -> tuple[dict | None, str]:
+    """(the dict that holds dotted field `name`, or None where the path ends early; the field's last key)."""
+    *head, last = name.split(".")
+    for h in head:
+        d = d.get(h) if isinstance(d, dict) else None
+    return (d if isinstance(d, dict) else None), last
+
+
 def _with_added_fields(saved: dict, current: dict) -> dict:
     saved = json.loads(json.dumps(saved))
     for name, default in ADDED_FIELDS.items():
-        *head, last = name.split(".")
-        s, c = saved, current
-        for h in head:
-            s, c = s.get(h) if isinstance(s, dict) else None, c.get(h) if isinstance(c, dict) else None
-        if isinstance(s, dict) and isinstance(c, dict) and last in c and last not in s:
+        (s, last), (c, _) = _parent(saved, name), _parent(current, name)
+        if s is not None and c is not None and last in c and last not in s:
             s[last] = default
     return saved
 
@@ -126,11 +131,8 @@ RESUME_FREE = ("train.checkpoint_every", "train.keep_checkpoints")
 def _without(d: dict, names) -> dict:
     d = json.loads(json.dumps(d))
     for name in names:
-        *head, last = name.split(".")
-        node = d
-        for h in head:
-            node = node.get(h) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+        node, last = _parent(d, name)
+        if node is not None:
             node.pop(last, None)
     return d
 

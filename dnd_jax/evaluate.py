@@ -61,7 +61,7 @@ class Scorer:
       batch_size: scoring batch size.
       cutoff_len: token cut-off of the nll protocol (the collection's).
       swap_in_place: copy an adapter of the attached one's layout into its layers (False: every adapter through
-        PEFT's load_adapter, as before; benchmarks/adapter_swap_bench.py times both).
+        PEFT's load_adapter, as before; benchmarks/evaluate_bench.py times both).
     """
 
     def __init__(self, base: str, device: str = "auto", batch_size: int = 16, cutoff_len: int = 256,

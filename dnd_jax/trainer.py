@@ -93,8 +93,7 @@ def exit_if_stopped(result: dict, workdir) -> None:
 
 
 _POSITIVE = ("train.steps", "train.batch_size", "sft.examples", "sft.cutoff_len", "sft.microbatches",
-             "train.log_every",
-             "train.checkpoint_every", "train.keep_checkpoints",
+             "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
              "train.eval_batches", "data.num_texts", "data.max_text_length", "data.real_length", "data.chunk",
              "model.kernel_size")  # fmt: skip
 _NON_NEGATIVE = ("data.max_prompts", "train.eval_every", "train.learning_rate", "train.weight_decay",
