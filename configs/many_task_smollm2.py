@@ -183,7 +183,7 @@ def get_config(arg=None):
         c.experiment.families = tuple(f"{t}={f}" for t, f in SMOKE_TASKS)
         c.experiment.folds = 2
         c.experiment.limit = 4
-        c.experiment.secondary_limit = 4
+        c.experiment.secondary_limit = 2
         c.experiment.training_sample = 2
         c.experiment.bootstrap = 200
         c.collect.max_samples = 16

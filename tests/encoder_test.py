@@ -63,8 +63,8 @@ def test_matches_pytorch_bert_last_hidden_state(minilm):
         mp.setattr(jax, "default_backend", lambda: "gpu")
         per_text = enc.cfg.num_heads * 384 * 384 * 4
         assert enc_lib.auto_chunk(enc.cfg, 384) == (1 << 30) // per_text == 151  # 12 heads: 7 MB per text
-    got = np.asarray(jax.jit(lambda a, b: enc(a, b))(ids, mask))
-    at_once = np.asarray(jax.jit(lambda a, b: enc(a, b, chunk=0))(ids, mask))
+    got = np.asarray(jax.jit(lambda m, a, b: m(a, b))(enc, ids, mask))
+    at_once = np.asarray(jax.jit(lambda m, a, b: m(a, b, chunk=0))(enc, ids, mask))
     np.testing.assert_allclose(got, at_once, atol=1e-4)  # float32 order; [PAD] rows are ill-conditioned
     ref = transformers.BertModel.from_pretrained(path).eval()
     args = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
@@ -90,7 +90,7 @@ def test_key_trimming_matches_pytorch(minilm):
     kl = enc_lib.keys_needed(mask)
     longest = int(mask.sum(1).max())
     assert kl == -(-longest // 8) * 8 and kl < 128 and longest < kl + 8  # trims most keys
-    got = np.asarray(jax.jit(lambda a, b: enc(a, b, key_length=kl))(ids, mask))
+    got = np.asarray(jax.jit(lambda m, a, b: m(a, b, key_length=kl))(enc, ids, mask))
     ref = transformers.BertModel.from_pretrained(path).eval()
     args = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_key_trimming_matches_pytorch(minilm):
         want64 = ref.double()(**args).last_hidden_state.numpy()
     assert np.abs(got - want)[mask == 1].max() < 1e-4
     assert np.abs(got - want64).max() <= max(np.abs(want - want64).max(), 1e-5)  # [PAD] rows too
-    short = np.asarray(jax.jit(lambda a, b: enc(a, b, key_length=16))(ids, mask))  # too short: real keys dropped
+    short = np.asarray(jax.jit(lambda m, a, b: m(a, b, key_length=16))(enc, ids, mask))  # too short: real keys dropped
     assert np.abs(short - want)[mask == 1].max() > 1e-2
 
 

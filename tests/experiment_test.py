@@ -42,8 +42,10 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
     cmd = [sys.executable, "-m", "dnd_jax.experiment", "--config", str(REPO / "configs/mixed_task_smollm2.py:smoke"),
            f"--workdir={work}", f"--config.experiment.commonsense_dir={data}",
            "--config.experiment.commonsense_tasks=('t1','t2','t3','held')",
-           "--config.experiment.families=('navigate=navigate','object_counting=object_counting','tense=tense',"
-           "'t1=a','t2=a','t3=b','held=b')"]  # fmt: skip
+           # one sdist task of each format (the smoke's object_counting is a second generative one: left out here)
+           "--config.experiment.bigbench_tasks=('navigate','tense')",
+           "--config.experiment.families=('navigate=navigate','tense=tense','t1=a','t2=a','t3=b','held=b')",
+           ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(REPO)
     first = subprocess.run([*cmd, "--until=train"], env=env, capture_output=True, text=True)  # a stop mid-way
@@ -56,7 +58,7 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
     made = json.loads((cv / "folds.json").read_text())
     folds = made["folds"]
     fold_of = {t: f["fold"] for f in folds for t in f["heldout"]}
-    assert sorted(fold_of) == ["held", "navigate", "object_counting", "t1", "t2", "t3", "tense"]
+    assert sorted(fold_of) == ["held", "navigate", "t1", "t2", "t3", "tense"]
     family = {"t1": "a", "t2": "a", "t3": "b", "held": "b"}  # the generative tasks are each a family of their own
     assert all(fold_of[t] == fold_of[u] for t in fold_of for u in fold_of if family.get(t, t) == family.get(u, u))
     # The planted leak: held and t2 share a fold (so t2 never trains held's generator), the item stays scored.
@@ -88,7 +90,7 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
     # Own and swapped adapters of the generative task, scored on its own items, with exact match.
     got = json.loads((cv / "dnd" / "scores" / "tense.json").read_text())
     assert sorted(got["generated"]) == sorted(got["swapped"]) == ["1000", "999"]
-    assert got["settings"]["secondary"] == ["em"] and got["generated"]["999"][0]["em"]["n"] == 4
+    assert got["settings"]["secondary"] == ["em"] and got["generated"]["999"][0]["em"]["n"] == 2
     made = json.loads((cv / "dnd" / f"fold-{fold_of['tense']}" / "seed-999" / "generated" / "tense"
                        / "generation.json").read_text())  # fmt: skip
     mates = [t for t, f in fold_of.items() if f == fold_of["tense"] and t != "tense"]

@@ -4,6 +4,10 @@ NumPy lookups, load_extractor's errors, and a :smoke training run per type on th
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +48,7 @@ def test_decoder_lm_matches_pytorch_llama_hidden_states_on_smollm2():
     assert enc.cfg.rope_theta == 100000.0
     ids, mask = tokenize_prompts(tok, PROMPTS[:10], 48)
     assert mask[:, 0].all() and not mask[:, -1].all() and len(set(mask.sum(1).tolist())) > 5  # right padding
-    got = np.asarray(jax.jit(lambda a, b: enc(a, b))(ids, mask))
+    got = np.asarray(jax.jit(lambda m, a, b: m(a, b))(enc, ids, mask))
     one = np.asarray(extractors.load_decoder_lm(smollm2_path(), num_layers=1)(ids, mask))
     ref = transformers.AutoModel.from_pretrained(smollm2_path(), dtype=torch.float32).eval()
     assert type(ref).__name__ == "LlamaModel"
@@ -116,16 +120,48 @@ def test_static_matches_embedding_rows_looked_up_in_numpy():
     enc, tok = extractors.load_extractor(_enc("static", MINILM_L6))
     prompts = [*PROMPTS[:6], "unknown \u2603\u26c4 symbols"]
     ids, mask = tokenize_prompts(tok, prompts, 40)
-    hf_tok = extractors.load_tokenizer(minilm_path())
+    hf_tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
     assert ids[0, 0] != hf_tok.cls_token_id and hf_tok.sep_token_id not in ids[mask == 1]
     assert (ids[-1][mask[-1] == 1] == hf_tok.unk_token_id).any()
     table = safetensors_io.load(minilm_path() / "model.safetensors")[0]["embeddings.word_embeddings.weight"]
     want = np.where((ids == hf_tok.unk_token_id)[..., None], 1.0, table[ids]) * mask[..., None]
     ref = transformers.BertModel.from_pretrained(minilm_path()).embeddings.word_embeddings.weight.detach().numpy()
     np.testing.assert_array_equal(table, ref)
-    got = np.asarray(jax.jit(lambda a, b: enc(a, b))(ids, mask))
+    got = np.asarray(jax.jit(lambda m, a, b: m(a, b))(enc, ids, mask))
     assert got.shape == (7, 40, 384)
     np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+@pytest.mark.needs_models
+def test_text_tokenizer_gives_transformers_ids_without_importing_it(tmp_path):
+    """The extractors' tokenizer (tokenizer.json through `tokenizers` alone) against transformers' own on MiniLM:
+    padded and truncated with and without [CLS]/[SEP], unpadded lists, a single text; and a process that loads it
+    and tokenizes imports neither transformers nor torch."""
+    ours = extractors.load_tokenizer(minilm_path())
+    theirs = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    assert isinstance(ours, extractors.TextTokenizer)
+    texts = [*PROMPTS, "", "   ", "Caf\u00e9 na\u00efve \u00c5ngstr\u00f6m", "\u4e2d\u6587 mixed with text",
+             "unknown \u2603\u26c4 symbols", "word " * 200, "tabs\tand\nnewlines  and  spaces"]  # fmt: skip
+    for special in (True, False):
+        for length in (8, 40, 128):
+            kw = dict(padding="max_length", truncation=True, max_length=length, return_tensors="np",
+                      add_special_tokens=special)  # fmt: skip
+            got, want = ours(texts, **kw), theirs(texts, **kw)
+            for k in ("input_ids", "attention_mask"):
+                np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} special={special} length={length}")
+        got, want = ours(texts, add_special_tokens=special), theirs(texts, add_special_tokens=special)
+        assert got["input_ids"] == want["input_ids"] and got["attention_mask"] == want["attention_mask"]
+    assert ours("One text.")["input_ids"] == theirs("One text.")["input_ids"]
+    assert (ours.pad_token_id, ours.unk_token_id) == (theirs.pad_token_id, theirs.unk_token_id)
+    code = (
+        "import sys; from dnd_jax import extractors; from dnd_jax.assets import minilm_path; "
+        "t = extractors.load_tokenizer(minilm_path()); "
+        "t(['a b'], padding='max_length', truncation=True, max_length=8, return_tensors='np'); "
+        "print(sorted({'transformers', 'torch'} & set(sys.modules)))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
 
 
 @pytest.mark.needs_models
