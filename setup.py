@@ -23,6 +23,8 @@ setup(
         # Any torch >= 2.4 works; CPU machines pin the local wheel via constraints.txt.
         "torch>=2.4",
         "transformers>=4.56",
+        # The prompt extractors' tokenizer.json, run without transformers (dnd_jax/extractors.py: TextTokenizer).
+        "tokenizers>=0.21",
         "sentence-transformers>=5.0",
         "peft>=0.17",
         "gguf>=0.17",
