@@ -32,6 +32,19 @@ from dnd_jax.data.prompts import CONDITIONS
 from dnd_jax.errors import DndError, run_cli
 
 
+def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """A trained workdir's config.json (no checkpoint read)."""
+    cfg_path = Path(workdir) / "config.json"
+    if not cfg_path.is_file():
+        raise DndError(f"{workdir}: not a training workdir (config.json missing)")
+    return ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+
+
+def condition_form(config) -> str:
+    """The condition form a generator was trained on (data.condition; runs from before the field: "prompts")."""
+    return config.data.get("condition", "prompts")
+
+
 def load_run(workdir: str | Path, step: int | None = None):
     """Reads a trained workdir: its config, the generator parameters at `step` (default latest).
 
@@ -43,10 +56,7 @@ def load_run(workdir: str | Path, step: int | None = None):
     from dnd_jax.trainer import generator_config, make_init_state
 
     workdir = Path(workdir)
-    cfg_path = workdir / "config.json"
-    if not cfg_path.is_file():
-        raise DndError(f"{workdir}: not a training workdir (config.json missing)")
-    config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    config = read_run_config(workdir)
     ckpt_dir = workdir / "checkpoints"
     if not ckpt_dir.is_dir():
         raise DndError(f"{workdir}: no generator checkpoint (train first: python -m dnd_jax.train)")
@@ -139,7 +149,7 @@ class AdapterGenerator:
         self.graphdef, self.enc_graphdef, self.residual = graphdef, enc_graphdef, residual
         self.fn = make_generate_fn(config, graphdef, enc_graphdef, self.layout, residual=residual, with_sigma=True)
         self.offset = None if offset is None else jnp.asarray(offset)
-        self.form = config.data.get("condition", "prompts")
+        self.form = condition_form(config)
         self.compile_s: float | None = None
         self.load_s = time.perf_counter() - t0
 
@@ -213,14 +223,16 @@ def generate(workdir, prompts_file, out, num_adapters: int | None = None, step: 
     out = Path(out)
     if out.exists() and not overwrite:
         raise DndError(f"{out}: output already exists (pass --overwrite to replace it)")
-    gen = AdapterGenerator(workdir, step)
-    config = gen.config
-    k = num_adapters or config.generate.num_adapters
+    # The prompts are checked before the generator and its extractor load (a bad file fails in a fraction of a second).
+    config = read_run_config(workdir)
     seed = config.seed if seed is None else seed
-    form = condition or gen.form
+    form = condition or condition_form(config)
     texts = load_prompts_file(prompts_file, form, seed)
     if len(texts) < config.data.num_texts:
         raise DndError(f"{prompts_file}: {len(texts)} prompts, fewer than num_texts={config.data.num_texts}")
+    gen = AdapterGenerator(workdir, step)
+    config = gen.config
+    k = num_adapters or config.generate.num_adapters
     lora, per_call, _ = gen(texts, k, seed, repeats)
     info = {"workdir": str(Path(workdir).absolute()), "step": gen.step, "seed": seed, "prompts": str(prompts_file),
             "condition": form, "num_texts": config.data.num_texts, "num_adapters": k, "seconds_per_call": per_call,
