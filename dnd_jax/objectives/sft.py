@@ -290,15 +290,17 @@ def make_steps(config, graphdef, enc_graphdef, lm_graphdef, tx, schedule, layout
         weights = counts / jnp.maximum(counts.sum(), 1.0)
 
         def group_value(p, part, k, w):
-            out = losses(p, aux, part, k)
-            return w * out["nll"] + s.l2 * out["l2"] / groups, out
+            """This group's share of every term (the NLL by its label count, the others 1 / groups) and of the
+            loss: `total` of the shares, as terms and loss are linear in them."""
+            share = {n: v * (w if n == "nll" else 1.0 / groups) for n, v in losses(p, aux, part, k).items()}
+            return total(share), share
 
         def body(carry, xs):
             g, part, w = xs
             grad_fn = jax.value_and_grad(group_value, has_aux=True)
-            (value, out), grads = grad_fn(params, part, jax.random.fold_in(key, g), w)
+            (value, share), grads = grad_fn(params, part, jax.random.fold_in(key, g), w)
             v, acc, mets = carry
-            mets = {n: mets[n] + out[n] * (w if n == "nll" else 1.0 / groups) for n in mets}
+            mets = {n: mets[n] + share[n] for n in mets}
             return (v + value, jax.tree.map(jnp.add, acc, grads), mets), None
 
         shapes = jax.eval_shape(losses, params, aux, {k: v[0] for k, v in split.items()}, key)
