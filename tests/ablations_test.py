@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from dnd_jax.data import prompts
 from dnd_jax.errors import DndError
+from tests import warm
 from tests.pipeline_test import write_suite
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_ablation_suite_smoke_end_to_end(tmp_path):
            "--config.ablations.groups.arrangements=('1',)", "--config.ablations.groups.fewshot=('1',)"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(REPO)
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    r = warm.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report.md").read_text()
     cv = work / "cv-random-k2-s0"
@@ -146,5 +146,5 @@ def test_ablation_suite_smoke_end_to_end(tmp_path):
     gen = json.loads((cv / "condition-answers" / "fold-0" / "seed-999" / "generated" / held[0]
                       / "generation.json").read_text())  # fmt: skip
     assert gen["condition"] == "answers" and gen["split"] == "train"
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    again = warm.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "running" not in again.stderr.replace("[report]", ""), again.stderr[-2000:]

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import pytest
 import transformers
 
 from converters.synthetic import write_synthetic_adapter
+from tests import warm
 from tests.collect_test import write_dataset
 from tests.lora_fixtures import QWEN2, write_tiny_llama
 from tests.train_fixtures import cli_overrides, make_experiment
@@ -62,7 +62,7 @@ def world(tmp_path_factory) -> Path:
     trainer.train_and_evaluate(tiny_config(root / "exp", **over), root / "run", devices=jax.devices()[:1])
     write_tiny_llama(root / "llama")
     write_dataset(root / "toy")
-    r = subprocess.run(_collect(root, "toy"), env=_env(), cwd=REPO, capture_output=True, text=True)
+    r = warm.run(_collect(root, "toy"), env=_env(), cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (root / "prompts.txt").write_text("\n".join(f"What is {i} + {i}?" for i in range(8)) + "\n")
     return root
@@ -282,7 +282,7 @@ def _run_case(case: Case, world: Path, base: Path) -> str | None:
     before = _snapshot(root)
     if case.fsize_limit is not None:  # the limit is set in the child itself (no preexec_fn in a JAX process)
         argv = [PY, "-c", _LIMITED.format(limit=case.fsize_limit), *argv[1:]]
-    r = subprocess.run(argv, env=_env(**case.env), cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = warm.run(argv, env=_env(**case.env), cwd=REPO, capture_output=True, text=True, timeout=300)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     problems = []
     if r.returncode != 2:

@@ -22,6 +22,7 @@ from dnd_jax.data import prepare
 from dnd_jax.data.prompts import load_split
 from dnd_jax.errors import DndError
 from dnd_jax.lm import load_base
+from tests import warm
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "Answer by a single [ans] (ans is A or B)."
@@ -62,7 +63,7 @@ def _env():
 def collection(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("collect")
     data = write_dataset(tmp / "data")
-    r = subprocess.run(_collect_cmd(data, tmp / "full"), capture_output=True, text=True, env=_env(), cwd=REPO)
+    r = warm.run(_collect_cmd(data, tmp / "full"), capture_output=True, text=True, env=_env(), cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     return data, tmp / "full" / "toy"
 
@@ -86,7 +87,7 @@ def test_preempted_collection_resumes_to_the_same_checkpoints(collection, tmp_pa
     """SIGTERM (preemption): save at the next step, exit 0 saying so; SIGKILL is tests/kill_trials_test.py's."""
     data, full = collection
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_collect_cmd(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    proc = warm.popen(_collect_cmd(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=_env(), cwd=REPO)  # fmt: skip
     deadline = time.time() + 300
     while not (out / "toy" / "step-000004").exists():
@@ -97,7 +98,7 @@ def test_preempted_collection_resumes_to_the_same_checkpoints(collection, tmp_pa
     assert proc.returncode == 0, err[-2000:]
     assert re.fullmatch(rf"stopped by SIGTERM after step [4-5] of toy; its state is in {out / 'toy'}; re-run the "
                         "same command to resume", err.strip().splitlines()[-1])  # fmt: skip
-    r = subprocess.run(_collect_cmd(data, out), capture_output=True, text=True, env=_env(), cwd=REPO)
+    r = warm.run(_collect_cmd(data, out), capture_output=True, text=True, env=_env(), cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     got = converters.list_checkpoints(out / "toy")
     assert [s for s, _ in got] == [3, 4, 5, 6]
@@ -168,11 +169,11 @@ def test_bad_prompt_datasets_are_clear_errors(tmp_path):
     (data / "toy_train.json").write_text(json.dumps([*recs, {"prompt": "  ", "response": "[A]"}]))
     with pytest.raises(DndError, match=r"toy_train.json: record 16 has an empty prompt"):
         load_split(data, "toy_train")
-    r = subprocess.run([sys.executable, "-m", "dnd_jax.collect", "--config",
+    r = warm.run([sys.executable, "-m", "dnd_jax.collect", "--config",
                         str(REPO / "configs/collect/commonsense_smollm2.py:nope,smoke"), f"--config.data_dir={data}",
                         f"--out={tmp_path / 'o'}"], capture_output=True, text=True, env=_env(), cwd=REPO)  # fmt: skip
     assert r.returncode == 2 and "not registered" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "dnd_jax.collect", "--config",
+    r = warm.run([sys.executable, "-m", "dnd_jax.collect", "--config",
                         str(REPO / "configs/collect/commonsense_smollm2.py:toy,smoke"), "--config.phase3.lr=1",
                         f"--out={tmp_path / 'o'}"], capture_output=True, text=True, env=_env(), cwd=REPO)  # fmt: skip
     assert r.returncode == 2 and "phase3" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -200,16 +201,16 @@ def test_lora_init_is_shared_across_datasets_and_cache_states(tmp_path):
     def run(name, d, out, env, *extra):
         cfg = REPO / f"configs/collect/commonsense_smollm2.py:{name},smoke"
         cmd = [sys.executable, "-m", "dnd_jax.collect", "--config", str(cfg), f"--config.data_dir={d}", *lr0, *extra]
-        r = subprocess.run([*cmd, f"--out={out}"], capture_output=True, text=True, env=env, cwd=REPO)
+        r = warm.run([*cmd, f"--out={out}"], capture_output=True, text=True, env=env, cwd=REPO)
         assert r.returncode == 0, r.stderr[-2000:]
         return converters.flatten(converters.load_peft_adapter(out / name / "step-000002")[0])
 
     cold = run("toy", data, tmp_path / "c", dict(_env(), DND_JAX_CACHE=str(tmp_path / "empty_cache")))
-    warm = run("other", tmp_path / "d2", tmp_path / "c", _env())
+    cached = run("other", tmp_path / "d2", tmp_path / "c", _env())
     a_keys = [k for k in cold if k.endswith("lora_a")]
     assert len(a_keys) == 7 * 30
     for k in a_keys:
-        np.testing.assert_array_equal(cold[k], warm[k], err_msg=k)
+        np.testing.assert_array_equal(cold[k], cached[k], err_msg=k)
     base, _, _ = load_base("smollm2-135m-instruct")
     torch.manual_seed(0)
     c = commonsense_smollm2.get_config("toy,smoke")
@@ -218,7 +219,7 @@ def test_lora_init_is_shared_across_datasets_and_cache_states(tmp_path):
     )
     peft = get_peft_model(base, lc)
     ref = peft.base_model.model.model.layers[5].self_attn.q_proj.lora_A["default"].weight.detach().numpy()
-    np.testing.assert_array_equal(warm["layers/5/self_attn/q_proj/lora_a"], ref.T)
+    np.testing.assert_array_equal(cached["layers/5/self_attn/q_proj/lora_a"], ref.T)
     m1, m2 = (json.loads((tmp_path / "c" / n / "manifest.json").read_text()) for n in ("toy", "other"))
     assert m1["init_hash"] == m2["init_hash"]
     write_dataset(tmp_path / "d3", "reseeded")
@@ -236,7 +237,7 @@ def test_a_second_collect_on_the_same_dataset_is_refused(tmp_path):
 
     data = write_dataset(tmp_path / "data")
     with workdir_lock(tmp_path / "out" / "toy", "collect"):  # a live collect holds toy/
-        r = subprocess.run(_collect_cmd(data, tmp_path / "out"), capture_output=True, text=True, env=_env(), cwd=REPO)
+        r = warm.run(_collect_cmd(data, tmp_path / "out"), capture_output=True, text=True, env=_env(), cwd=REPO)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'out' / 'toy'}: in use by another collect "
                                                  f"process, pid {os.getpid()} (wait for it to finish, or use another "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from dnd_jax.collect import collect
 from dnd_jax.errors import DndError
 from dnd_jax.lm import load_base
 from dnd_jax.protocols import gen, ll
+from tests import warm
 from tests.lora_fixtures import make_adapter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def test_trained_lora_beats_base_via_cli(tmp_path):
     params, spec = converters.load_peft_adapter(lora)
     save_peft_adapter(_zero_b(params), spec, tmp_path / "zero_b")
     out = tmp_path / "eval"
-    r = subprocess.run([sys.executable, "-m", "dnd_jax.evaluate", "--base=smollm2-135m-instruct", f"--data={data}",
+    r = warm.run([sys.executable, "-m", "dnd_jax.evaluate", "--base=smollm2-135m-instruct", f"--data={data}",
                         "--dataset=fixed", f"--training={lora}", "--generated", str(lora), str(tmp_path / "zero_b"),
                         "--protocols=ll,gen,nll", f"--out={out}"],
                        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)  # fmt: skip
@@ -224,7 +224,7 @@ def test_evaluate_benchmark_runs_on_a_tiny_model(tmp_path):
 
     base = write_tiny_llama(tmp_path / "lm")
     data = write_fixed_answer_dataset(tmp_path / "data", n=28)
-    r = subprocess.run([sys.executable, "benchmarks/evaluate_bench.py", "--base", str(base), "--data", str(data),
+    r = warm.run([sys.executable, "benchmarks/evaluate_bench.py", "--base", str(base), "--data", str(data),
                         "--dataset", "fixed", "--limit", "4", "--adapters", "2", "--batch-size", "2"], cwd=REPO,
                        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]

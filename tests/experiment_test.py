@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from dnd_jax.errors import DndError
 from dnd_jax.experiments import folds as folds_mod
 from dnd_jax.experiments import leaks, stats
+from tests import warm
 from tests.pipeline_test import write_suite
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,13 +45,15 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
            # one sdist task of each format (the smoke's object_counting is a second generative one: left out here)
            "--config.experiment.bigbench_tasks=('navigate','tense')",
            "--config.experiment.families=('navigate=navigate','tense=tense','t1=a','t2=a','t3=b','held=b')",
+           # 2 scored items per task (the first is the planted one), exact match on 1: scoring is most of the run
+           "--config.experiment.limit=2", "--config.experiment.secondary_limit=1",
            ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(REPO)
-    first = subprocess.run([*cmd, "--until=train"], env=env, capture_output=True, text=True)  # a stop mid-way
+    first = warm.run([*cmd, "--until=train"], env=env, capture_output=True, text=True)  # a stop mid-way
     assert first.returncode == 0, first.stderr[-3000:]
     assert not (work / "report.md").exists()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    r = warm.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("up to date") == 5  # data, collect, tokens, folds, train: resumed, not redone
     cv = work / "cv-family-k2-s0"
@@ -70,7 +72,7 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
     for f in folds:
         for t in f["heldout"]:
             recs = json.loads(((data if t in common else work / "data") / f"{t}_test.json").read_text())
-            keep = leaks.scored_indices(len(recs), f["plans"][t]["exclude"], 4)
+            keep = leaks.scored_indices(len(recs), f["plans"][t]["exclude"], 2)
             scored = {leaks.normalize(recs[i]["prompt"]) for i in keep}
             assert leaks.normalize(planted["prompt"]) in scored or t != "held"
             assert not scored & {p for u in [*f["train"], t] for p in train_p[u]}
@@ -79,7 +81,7 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
                         / "adapter_config.json").is_file()  # fmt: skip
     scores = json.loads((cv / "scores" / "held.json").read_text())
     assert {"base", "own", "control", "retrieval", "training"} <= set(scores)
-    assert scores["items"] == 4 and scores["settings"]["limit"] == 4
+    assert scores["items"] == 2 and scores["settings"]["limit"] == 2
     assert scores["own"]["nll"]["nll"] < scores["base"]["nll"]["nll"]  # the task's own LoRA learned its answers
     gen = json.loads((cv / "dnd" / "scores" / "held.json").read_text())
     assert sorted(gen["generated"]) == ["1000", "999"] and gen["settings"]["seeds"] == ["999", "1000"]
@@ -90,7 +92,7 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
     # Own and swapped adapters of the generative task, scored on its own items, with exact match.
     got = json.loads((cv / "dnd" / "scores" / "tense.json").read_text())
     assert sorted(got["generated"]) == sorted(got["swapped"]) == ["1000", "999"]
-    assert got["settings"]["secondary"] == ["em"] and got["generated"]["999"][0]["em"]["n"] == 2
+    assert got["settings"]["secondary"] == ["em"] and got["generated"]["999"][0]["em"]["n"] == 1
     made = json.loads((cv / "dnd" / f"fold-{fold_of['tense']}" / "seed-999" / "generated" / "tense"
                        / "generation.json").read_text())  # fmt: skip
     mates = [t for t, f in fold_of.items() if f == fold_of["tense"] and t != "tense"]
@@ -106,7 +108,7 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
     assert (work / "many_task.png").stat().st_size > 5000
     # The soft-retrieval arm on the same items: tau chosen inside each fold's training tasks.
     arm = ["--config.experiment.variant=soft_retrieval", "--config.experiment.baseline=soft_retrieval"]
-    soft = subprocess.run([*cmd, *arm], env=env, capture_output=True, text=True)
+    soft = warm.run([*cmd, *arm], env=env, capture_output=True, text=True)
     assert soft.returncode == 0, soft.stderr[-3000:]
     assert soft.stderr.count("[train/dnd]") == 0 and "[evaluate/soft_retrieval] running" in soft.stderr
     picked = json.loads((cv / "soft_retrieval" / "soft_retrieval.json").read_text())
@@ -118,18 +120,18 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
     answer = report.split("## The answer")[1].split("\n## ")[0]
     assert "Not answered yet: no scores of mt_lora in this run." in answer
     # Nothing left to do: every stage is up to date and the report reads the same.
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    again = warm.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "running" not in again.stderr.replace("[report] running", ""), again.stderr[-2000:]
     assert (work / "report.md").read_text().split("## Time to")[0] == report.split("## Time to")[0]
     # An evaluation-only change re-scores (stored settings differ) without retraining or regenerating (the
     # secondary metric off as well, to re-score quickly).
-    more = subprocess.run([*cmd, "--config.experiment.limit=3", "--config.experiment.secondary=()"], env=env,
+    more = warm.run([*cmd, "--config.experiment.limit=1", "--config.experiment.secondary=()"], env=env,
                           capture_output=True, text=True)  # fmt: skip
     assert more.returncode == 0, more.stderr[-2000:]
     assert "[train/dnd] up to date" in more.stderr and "[adapters/dnd] up to date" in more.stderr
     assert "[evaluate/dnd] running" in more.stderr
-    assert json.loads((cv / "scores" / "held.json").read_text())["settings"]["limit"] == 3
+    assert json.loads((cv / "scores" / "held.json").read_text())["settings"]["limit"] == 1
 
 
 def test_folds_cover_every_task_once_and_family_split_keeps_families_together():

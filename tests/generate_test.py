@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from dnd_jax.data import pairs
 from dnd_jax.data.prepare import open_token_set
 from dnd_jax.errors import DndError
 from dnd_jax.extractors import load_tokenizer
+from tests import warm
 from tests.lora_fixtures import base_model
 from tests.train_fixtures import NAMES, make_experiment, tiny_config
 
@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
 def test_generate_cli_writes_peft_adapters_that_change_the_model(trained, tmp_path):
     prompts = trained / "prompts" / f"{NAMES[2]}_test.json"
     out = tmp_path / "gen"
-    r = subprocess.run([sys.executable, "-m", "dnd_jax.generate", f"--workdir={trained / 'wd'}", f"--prompts={prompts}",
+    r = warm.run([sys.executable, "-m", "dnd_jax.generate", f"--workdir={trained / 'wd'}", f"--prompts={prompts}",
                         "--num-adapters=2", f"--out={out}", "--repeats=2"],
                        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]

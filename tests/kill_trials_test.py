@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import warm
 from tests.train_fixtures import cli_overrides, make_experiment
 
 pytestmark = pytest.mark.needs_models  # every test here loads SmolLM2 or all-MiniLM-L6-v2
@@ -88,13 +89,13 @@ def kill_chain(cmd: list[str], env: dict, root: Path, moments: list[Moment], che
     for i, m in enumerate(moments):
         log_path = log_dir / f"trial-{i}.log"
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=log)
+            proc = warm.popen(cmd, env=env, cwd=REPO, stdout=log, stderr=log)
             outcome = _kill_at(proc, m, root, log_path)
         outcomes.append(f"{m}: {outcome}")
         if outcome == "finished":
             assert proc.returncode == 0, log_path.read_text()[-2000:]
         check()
-    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    r = warm.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return outcomes
 
@@ -139,13 +140,13 @@ def test_train_survives_kills_at_random_moments(tmp_path):
                 f"--workdir={work}", *over]  # fmt: skip
 
     env = _jax_env(tmp_path / "jax-cache")
-    full = subprocess.run(cmd(tmp_path / "full"), env=env, cwd=REPO, capture_output=True, text=True)
+    full = warm.run(cmd(tmp_path / "full"), env=env, cwd=REPO, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr[-2000:]
 
     rng = np.random.default_rng(SEED)
     targets = sorted(rng.choice(np.arange(every, steps, every), size=KILLS - 1, replace=False))
     during = set(rng.choice(targets, size=3, replace=False))
-    moments = [Moment(float(rng.uniform(0.3, 4.0)))]  # start-up: imports, token store, compiling
+    moments = [Moment(float(rng.uniform(0.1, 1.0)))]  # start-up: token store, compiling (warm: tests/warm.py)
     moments += [Moment(0, f"{s}.orbax-checkpoint-tmp*", during=True, missed=str(s)) if s in during else
                 Moment(float(rng.uniform(0, 0.4)), str(s)) for s in targets]  # fmt: skip
     work = tmp_path / "killed"
@@ -198,21 +199,21 @@ def test_collect_survives_kills_at_random_moments(tiny_lm, tmp_path):
 
     data = write_dataset(tmp_path / "data")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    full = subprocess.run(_collect_cmd(tiny_lm, data, tmp_path / "full"), env=env, cwd=REPO, capture_output=True,
+    full = warm.run(_collect_cmd(tiny_lm, data, tmp_path / "full"), env=env, cwd=REPO, capture_output=True,
                           text=True)  # fmt: skip
     assert full.returncode == 0, full.stderr[-2000:]
     reference = _adapters(tmp_path / "full" / "toy")
     assert sorted(reference) == [f"step-{s:06d}" for s in range(7, 17)]
     # dropout really acts: the same run without it ends elsewhere
     nodrop = [a.replace("lora.dropout=0.1", "lora.dropout=0.0") for a in _collect_cmd(tiny_lm, data, tmp_path / "nd")]
-    assert subprocess.run(nodrop, env=env, cwd=REPO, capture_output=True).returncode == 0
+    assert warm.run(nodrop, env=env, cwd=REPO, capture_output=True).returncode == 0
     last = "step-000016"
     assert any(not np.array_equal(v, _adapters(tmp_path / "nd" / "toy")[last][k]) for k, v in reference[last].items())
 
     rng = np.random.default_rng(SEED + 1)
     targets = sorted(rng.choice(np.arange(7, 17), size=KILLS - 1, replace=False))
     during = set(rng.choice(targets, size=3, replace=False))
-    moments = [Moment(float(rng.uniform(0.3, 4.0)))]
+    moments = [Moment(float(rng.uniform(0.1, 1.0)))]  # start-up: model, data (warm: tests/warm.py)
     moments += [Moment(0, f".step-{s:06d}.tmp-*", during=True, missed=f"step-{s:06d}") if s in during else
                 Moment(float(rng.uniform(0, 0.05)), f"step-{s:06d}") for s in targets]  # fmt: skip
     out = tmp_path / "killed"

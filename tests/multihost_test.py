@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from dnd_jax import trainer
+from tests import warm
 from tests.train_fixtures import cli_overrides, make_experiment, params_close, tiny_config
 
 pytestmark = pytest.mark.needs_models  # every test here loads SmolLM2 or all-MiniLM-L6-v2
@@ -59,7 +60,7 @@ def _losses(workdir: Path) -> dict[int, float]:
 def test_two_processes_train_like_one_and_checkpoints_move_between_them(exp, tmp_path):
     steps = 4
     two = tmp_path / "two"
-    r = subprocess.run(_launch_cmd(exp, two, steps), env=_env(), capture_output=True, text=True, timeout=300)
+    r = warm.run(_launch_cmd(exp, two, steps), env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(2 process(es), this is process 1)" in r.stderr and "launch: all 2 processes finished" in r.stderr
     assert "[p0] held-out weighted MSE" in r.stderr and "[p1] held-out" not in r.stderr  # process 0 reports
@@ -98,7 +99,7 @@ def test_a_killed_process_stops_the_other(exp, tmp_path):
     """SIGKILL process 1 mid-run: process 0 must stop by itself (JAX's heartbeat, here 5 s), not hang."""
     work = tmp_path / "w"
     cmd = _launch_cmd(exp, work, 100_000, "--grace", "60", "--heartbeat_timeout", "5")
-    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = warm.popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, "")), daemon=True).start()
     deadline = time.time() + 240

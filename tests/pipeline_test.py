@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from dnd_jax.data import bigbench
+from tests import warm
 from tests.evaluate_test import write_fixed_answer_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_demo_smoke_pipeline_end_to_end_and_resume(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user's machine
     env["PYTHONPATH"] = str(REPO)
     # (the run's persistent compilation cache, tests/conftest.py, serves the re-runs of the kill trials)
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    r = warm.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (work / "report.md").read_text()
     assert "## Headline: gold-response NLL per token" in report and "generated vs this row" in report
@@ -63,7 +63,7 @@ def test_demo_smoke_pipeline_end_to_end_and_resume(tmp_path):
     times = json.loads((work / "stages.json").read_text())
     assert {"collect", "train", "generate", "evaluate"} <= set(times)
     # A second run resumes: every stage is up to date, the report is rewritten from the same outputs.
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    again = warm.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("up to date") >= 4
     assert json.loads((work / "eval" / "results.json").read_text()) == res
@@ -93,7 +93,7 @@ def _kill_trials(cmd: list[str], env: dict, reference: Path, tmp_path: Path) -> 
         return (f"[{stage}] up to date", *(f"[{s}] running" for s in later), "[pipeline] this run took")
 
     u = lambda hi: float(rng.uniform(0, hi))  # noqa: E731
-    moments = [Moment(float(rng.uniform(0.5, 3.0))),  # start-up
+    moments = [Moment(float(rng.uniform(0.1, 1.5))),  # start-up (warm: tests/warm.py)
                Moment(0, "collect/held/.resume.pt.tmp-*", during=True, sooner=after("collect")),
                Moment(u(1.0), "tokens/t1", sooner=after("train")),
                Moment(0, "train/checkpoints/2.orbax-checkpoint-tmp*", during=True, sooner=after("train")),

@@ -26,6 +26,7 @@ from peft import PeftModel
 
 from dnd_jax import trainer
 from dnd_jax.web import runs as web_runs
+from tests import warm
 from tests.sft_fixtures import write_tiny_lm
 from tests.train_fixtures import make_experiment, tiny_config
 
@@ -48,7 +49,7 @@ def served(tmp_path_factory):
     shutil.copy(exp / "runs" / "trained" / "config.json", exp / "runs" / "untrained" / "config.json")
     lm = write_tiny_lm(root / "lm")
     log = open(root / "server.err", "w")  # the server's stderr: a file, never a pipe that could fill
-    proc = subprocess.Popen([sys.executable, "-m", "dnd_jax.serve", f"--workdir={exp / 'runs'}", f"--base={lm}",
+    proc = warm.popen([sys.executable, "-m", "dnd_jax.serve", f"--workdir={exp / 'runs'}", f"--base={lm}",
                              "--port=0", f"--out={root / 'made'}"], env=dict(os.environ, PYTHONPATH=str(REPO)),
                             stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
     ready, _, _ = select.select([proc.stdout], [], [], 180)
@@ -183,7 +184,7 @@ def test_page_generates_answers_and_downloads_an_adapter_peft_loads(served, tmp_
     # The CLI's adapter for the same prompts and seed.
     pfile = tmp_path / "prompts.txt"
     pfile.write_text("\n".join(PROMPTS) + "\n")
-    r = subprocess.run([sys.executable, "-m", "dnd_jax.generate", f"--workdir={served['exp'] / 'runs' / 'trained'}",
+    r = warm.run([sys.executable, "-m", "dnd_jax.generate", f"--workdir={served['exp'] / 'runs' / 'trained'}",
                         f"--prompts={pfile}", "--num-adapters=1", "--seed=5", f"--out={tmp_path / 'cli'}",
                         "--repeats=1"], env=dict(os.environ, PYTHONPATH=str(REPO)),
                        capture_output=True, text=True)  # fmt: skip
@@ -229,7 +230,7 @@ def test_page_shows_the_runs_report_numbers(tmp_path):
 
 def test_serve_cli_bad_workdir_is_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-m", "dnd_jax.serve", f"--workdir={tmp_path}", "--port=0"], env=env,
+    r = warm.run([sys.executable, "-m", "dnd_jax.serve", f"--workdir={tmp_path}", "--port=0"], env=env,
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 1, r.stderr  # "loading ..." then the error
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}: no training workdir")

@@ -21,6 +21,7 @@ import pytest
 
 from dnd_jax import trainer
 from dnd_jax.errors import DndError
+from tests import warm
 from tests.sft_tasks import all_tasks, write_family
 from tests.train_fixtures import params_close, tiny_config
 
@@ -155,7 +156,7 @@ def test_cli_sft_resumes_after_a_kill_bit_identically(family, tmp_path):
     """An SFT run from the CLI (configs/arc_c.py:smoke pointed at the tiny family), killed (SIGKILL) after its step-2
     checkpoint, resumes to the same state as an uninterrupted run; a bad objective is one line and exit 2."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    bad = subprocess.run(_cli(family, tmp_path / "bad", **{"train.objective": "nope"}), env=env, cwd=REPO,
+    bad = warm.run(_cli(family, tmp_path / "bad", **{"train.objective": "nope"}), env=env, cwd=REPO,
                          capture_output=True, text=True)  # fmt: skip
     errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
     assert bad.returncode == 2 and len(errors) == 1 and "Traceback" not in bad.stderr, bad.stderr
@@ -164,14 +165,14 @@ def test_cli_sft_resumes_after_a_kill_bit_identically(family, tmp_path):
                                                          "train.checkpoint_every": 2}), tmp_path / "full")  # fmt: skip
     assert full["traces"] == 1
     work = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(family, work), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = warm.popen(_cli(family, work), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     while proc.poll() is None and not (work / "checkpoints" / "2").is_dir():
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     t0 = time.perf_counter()
-    again = subprocess.run(_cli(family, work), env=env, cwd=REPO, capture_output=True, text=True)
+    again = warm.run(_cli(family, work), env=env, cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from step" in again.stderr and "held-out response NLL" in again.stdout
     print(f"resumed SFT run from the CLI: {time.perf_counter() - t0:.1f} s")

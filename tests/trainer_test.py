@@ -17,6 +17,7 @@ from dnd_jax import trainer
 from dnd_jax.checkpointing import Checkpointer
 from dnd_jax.errors import DndError
 from dnd_jax.models import conv_paths
+from tests import warm
 from tests.train_fixtures import cli_overrides, make_experiment, params_close, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +134,7 @@ def _train_cmd(exp: Path, workdir: Path, steps: int) -> list[str]:
 
 
 def test_paper_config_without_a_collection_names_the_collect_command(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "dnd_jax.train", "--config", str(REPO / "configs/arc_c.py"),
+    r = warm.run([sys.executable, "-m", "dnd_jax.train", "--config", str(REPO / "configs/arc_c.py"),
                         "--workdir", str(tmp_path / "w")], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2
@@ -163,7 +164,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_0(exp, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
     work, steps = tmp_path / "w", 40  # the signal comes after step 3 or 4 (one step: ~0.3 s); the resume runs the rest
     cmd = [*_train_cmd(exp, work, steps), "--config.train.checkpoint_every=1000", "--config.train.log_every=1"]
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = warm.popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
         if (work / "metrics.jsonl").is_file() and len((work / "metrics.jsonl").read_text().splitlines()) > 3:
@@ -177,13 +178,13 @@ def test_sigterm_saves_at_the_next_step_and_exits_0(exp, tmp_path):
     assert line == (f"stopped by SIGTERM after step {stopped}; its checkpoint is in {work}/checkpoints; "
                     "re-run the same command to resume")  # fmt: skip
     assert 3 <= stopped < steps and Checkpointer(work / "checkpoints").all_steps() == [stopped]
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    again = warm.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and f"resumed from step {stopped}" in again.stderr, again.stderr[-2000:]
     assert Checkpointer(work / "checkpoints").latest_step() == steps
 
 
 def test_config_typo_is_one_line(exp, tmp_path):
-    r = subprocess.run([*_train_cmd(exp, tmp_path / "w", 2), "--config.train.batchsize=4"],
+    r = warm.run([*_train_cmd(exp, tmp_path / "w", 2), "--config.train.batchsize=4"],
                        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "batchsize" in r.stderr
