@@ -3,7 +3,8 @@ where (no traceback, no repr noise), and leave every output that existed before 
 
 Each case gets its own copy of a small world (prompt datasets, a synthetic PEFT collection, a finished
 2-step generator run, a tiny Llama base model and a collection made with it), breaks one thing, and runs
-the real command line in a subprocess. The cases run two at a time (the machine has 2 cores).
+the real command line in a process of its own (`python -m ...`, forked warm by tests/warm.py: the same `__main__`,
+exit status and streams). The cases run two at a time (the machine has 2 cores).
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 each time, and require the end result to equal an uninterrupted run's bit for bit. After every kill, each
 output the command has committed (orbax checkpoints, PEFT adapters, resume state, JSON files) must load.
 
-A moment is drawn from a seeded generator: a random time after launch (imports, compiling, loading),
-a random delay after a seeded output appears (mid-step, mid-save, mid-cleanup), or the instant a save's
-temporary directory appears (during an async orbax write, during an adapter write). Killed runs are
-chained: each re-run resumes from what the previous one left. The persistent JAX compilation cache
-makes a re-run of `train` cost its start-up only.
+A moment is drawn from a seeded generator: a random time after launch (compiling, loading: the commands run warm,
+tests/warm.py, their imports done before launch), a random delay after a seeded output appears (mid-step, mid-save,
+mid-cleanup), or the instant a save's temporary directory appears (during an async orbax write, during an adapter
+write). Killed runs are chained: each re-run resumes from what the previous one left. The test run's persistent JAX
+compilation cache (tests/conftest.py) makes a re-run of `train` cost its start-up only.
 """
 
 from __future__ import annotations
@@ -100,10 +100,9 @@ def kill_chain(cmd: list[str], env: dict, root: Path, moments: list[Moment], che
     return outcomes
 
 
-def _jax_env(cache: Path) -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8",
-                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")  # fmt: skip
+def _jax_env() -> dict:
+    """8 devices; the test run's persistent compilation cache (tests/conftest.py: every program cached)."""
+    return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -139,7 +138,7 @@ def test_train_survives_kills_at_random_moments(tmp_path):
         return [sys.executable, "-m", "dnd_jax.train", "--config", str(REPO / "configs/arc_c.py:smoke"),
                 f"--workdir={work}", *over]  # fmt: skip
 
-    env = _jax_env(tmp_path / "jax-cache")
+    env = _jax_env()
     full = warm.run(cmd(tmp_path / "full"), env=env, cwd=REPO, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr[-2000:]
 

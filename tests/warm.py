@@ -44,7 +44,7 @@ PRELOAD = ("numpy", "jax", "jax.numpy", "flax", "flax.nnx", "optax", "orbax.chec
 # may differ between the commands of one server (prefixes).
 RUNTIME_ENV = ("XLA_FLAGS", "PYTEST_", "DND_JAX_")
 # Servers kept per pytest worker (each holds ~0.7 GB); the least recently used idle one goes first.
-MAX_SERVERS = 2
+MAX_SERVERS = 3
 WARM = os.environ.get("DND_JAX_TEST_WARM", "1") != "0"  # DND_JAX_TEST_WARM=0: every command in a fresh interpreter
 
 
