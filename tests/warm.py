@@ -26,6 +26,7 @@ import io
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -54,57 +55,96 @@ WARM = os.environ.get("DND_JAX_TEST_WARM", "1") != "0"  # DND_JAX_TEST_WARM=0: e
 def _send(conn: socket.socket, obj, fds=()) -> None:
     data = json.dumps(obj).encode()
     msg = struct.pack("!I", len(data)) + data
-    if fds:
-        socket.send_fds(conn, [msg], list(fds))
-    else:
-        conn.sendall(msg)
+    sent = socket.send_fds(conn, [msg], list(fds)) if fds else 0
+    conn.sendall(msg[sent:])
+
+
+def _exactly(conn: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        more = conn.recv(n - len(buf))
+        if not more:
+            raise ConnectionError("truncated message")
+        buf += more
+    return buf
 
 
 def _recv(conn: socket.socket, nfds: int = 0):
-    """One message (and up to `nfds` file descriptors); None at end of stream."""
+    """Exactly one message (a 4-byte length, then JSON; the file descriptors come with its first bytes), so a second
+    message on the same connection (the exit status after the pid) is never read with the first; None at its end."""
     if nfds:
-        data, fds, _, _ = socket.recv_fds(conn, 1 << 16, nfds)
+        head, fds, _, _ = socket.recv_fds(conn, 4, nfds)
     else:
-        data, fds = conn.recv(1 << 16), []
-    if not data:
+        head, fds = conn.recv(4), []
+    if not head:
         return None, fds
-    while len(data) < 4 or len(data) < 4 + struct.unpack("!I", data[:4])[0]:
-        more = conn.recv(1 << 16)
-        if not more:
-            raise ConnectionError("truncated message")
-        data += more
-    return json.loads(data[4 : 4 + struct.unpack("!I", data[:4])[0]]), fds
+    head += _exactly(conn, 4 - len(head))
+    return json.loads(_exactly(conn, struct.unpack("!I", head)[0])), fds
 
 
-def serve(path: str) -> None:
-    """The server: imports `PRELOAD`, then forks one child per request until its parent (the pytest worker) ends."""
+def _close(fds) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def serve(path: str, parent: int) -> None:
+    """The server: imports `PRELOAD`, then forks one child per request until `parent` (the pytest worker) ends."""
     import importlib
 
     for name in PRELOAD:
         importlib.import_module(name)
+    from jax._src import xla_bridge
+
+    # No Python thread and no JAX backend may exist at a fork. (Native pools are another matter: OpenBLAS starts its
+    # threads when numpy loads unless OMP_NUM_THREADS=1, as in the suite's workers, and re-makes them in a fork child
+    # through its own atfork handlers, as for any forking numpy program.)
     assert threading.active_count() == 1, f"a preloaded library started threads: {threading.enumerate()}"
+    assert not xla_bridge._backends, "a preloaded library started a JAX backend: its device count would be fixed"
     gc.freeze()  # the preloaded objects stay out of the children's collections (no copy-on-write of their pages)
-    parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    listener.bind(path + ".tmp")
     listener.listen(64)
+    os.rename(path + ".tmp", path)  # the path appears once connections are accepted
     waiting: dict[int, socket.socket] = {}  # child pid -> the connection its exit status goes to
     while os.getppid() == parent:
         ready, _, _ = select.select([listener], [], [], 0.02)
         if ready:
             conn, _ = listener.accept()
-            req, fds = _recv(conn, 3)
+            conn.settimeout(10)
+            try:
+                req, fds = _recv(conn, 3)
+            except (OSError, ValueError):
+                req, fds = None, []
+            conn.settimeout(None)
+            if req is None or len(fds) != 3:  # a client that went away or sent garbage: nothing to run
+                _close(fds)
+                conn.close()
+                continue
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:  # the command: never returns here
-                listener.close()
-                for c in waiting.values():
-                    c.close()
-                _child(conn, req, fds)
-            for fd in fds:
-                os.close(fd)
-            _send(conn, {"pid": pid})
+            try:
+                pid = os.fork()
+            except OSError as e:
+                _close(fds)
+                try:
+                    _send(conn, {"error": f"fork: {e}"})
+                except OSError:
+                    pass
+                conn.close()
+                continue
+            if pid == 0:  # the command; never back into this loop
+                try:
+                    listener.close()
+                    for c in waiting.values():
+                        c.close()
+                    _child(conn, req, fds)
+                finally:
+                    os._exit(70)
+            _close(fds)
+            try:
+                _send(conn, {"pid": pid})
+            except OSError:  # the test went away: its command still runs to its end and is reaped below
+                pass
             waiting[pid] = conn
         while waiting:
             try:
@@ -120,6 +160,7 @@ def serve(path: str) -> None:
                 except OSError:  # the test went away without waiting
                     pass
                 conn.close()
+    Path(path).unlink(missing_ok=True)
 
 
 def _child(conn: socket.socket, req: dict, fds: list[int]) -> None:
@@ -135,18 +176,21 @@ def _child(conn: socket.socket, req: dict, fds: list[int]) -> None:
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
-    sys.path[0] = req["cwd"]  # `python -m` puts the working directory first
+    sys.path[0] = os.getcwd()  # `python -m` puts the working directory first
     sys.argv = ["-m", *req["argv"][3:]]  # [python, "-m", MODULE, *ARGS]
+    if "numpy" in sys.modules:  # numpy's global generator: seeded from the OS in every fresh interpreter, so here too
+        sys.modules["numpy"].random.seed()
+    interrupted = False
     try:
         runpy._run_module_as_main(req["argv"][2], alter_argv=True)
         code = 0
     except SystemExit as e:  # what the interpreter's top level does with it
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else (print(e.code, file=sys.stderr), 1)[1]
-    except KeyboardInterrupt:
-        code = -signal.SIGINT
     except BaseException:  # noqa: BLE001 - the interpreter's top level: any exception is printed, status 1
-        sys.excepthook(*sys.exc_info())
-        code = 1
+        kind, value, tb = sys.exc_info()
+        value.__traceback__ = tb.tb_next  # from runpy's frames on, as `python -m` prints it (the hook reads this one)
+        sys.excepthook(kind, value, tb.tb_next)
+        interrupted, code = kind is KeyboardInterrupt, 130 if kind is KeyboardInterrupt else 1
     # The interpreter's exit, less the teardown of every module: non-daemon threads waited for, atexit handlers,
     # streams flushed. (Tearing down torch, transformers and jax object by object would touch, and so copy, most of
     # the server's memory: ~2 s per command.)
@@ -156,8 +200,8 @@ def _child(conn: socket.socket, req: dict, fds: list[int]) -> None:
         try:
             stream.flush()
         except (OSError, ValueError):
-            pass
-    if code == -signal.SIGINT:  # Python ends on an uncaught KeyboardInterrupt with SIGINT's own status
+            code = 120 if stream is sys.stdout and not code else code
+    if interrupted:  # Python ends on an uncaught KeyboardInterrupt by SIGINT's own default action
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     os._exit(code & 0xFF)
@@ -169,17 +213,16 @@ def _child(conn: socket.socket, req: dict, fds: list[int]) -> None:
 class _Server:
     def __init__(self, env: dict):
         self.path = os.path.join(tempfile.mkdtemp(prefix="dnd_jax_warm_"), "sock")
-        self.proc = subprocess.Popen([sys.executable, "-c", f"from tests.warm import serve; serve({self.path!r})"],
-                                     cwd=REPO, env={"PYTHONPATH": str(REPO), **env}, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL)  # fmt: skip
+        code = f"from tests.warm import serve; serve({self.path!r}, {os.getpid()})"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={"PYTHONPATH": str(REPO), **env},
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
         self.running = 0  # commands started here whose exit status has not come back yet
         self.used = time.monotonic()
 
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
-        Path(self.path).unlink(missing_ok=True)
-        Path(self.path).parent.rmdir()
+        shutil.rmtree(Path(self.path).parent, ignore_errors=True)
 
 
 _servers: dict[tuple, _Server] = {}
@@ -195,7 +238,10 @@ def _server(env: dict) -> _Server:
     key = _import_env(env)
     with _lock:
         server = _servers.get(key)
-        if server is None or server.proc.poll() is not None:
+        if server is not None and server.proc.poll() is not None:  # ended (killed from outside): start another
+            _servers.pop(key).stop()
+            server = None
+        if server is None:
             idle = sorted((s.used, k) for k, s in _servers.items() if not s.running)
             for _, k in idle[: max(0, len(_servers) + 1 - MAX_SERVERS)]:
                 _servers.pop(k).stop()
@@ -205,11 +251,18 @@ def _server(env: dict) -> _Server:
     t0 = time.monotonic()
     while not os.path.exists(server.path):
         if server.proc.poll() is not None:
+            _release(server)
             raise RuntimeError(f"the warm command server ended with status {server.proc.returncode}")
         if time.monotonic() - t0 > 300:
+            _release(server)
             raise RuntimeError("the warm command server did not start in 300 s")
         time.sleep(0.02)
     return server
+
+
+def _release(server: _Server) -> None:
+    with _lock:
+        server.running -= 1
 
 
 @atexit.register
@@ -219,7 +272,7 @@ def _stop_servers() -> None:
 
 
 def _warmable(cmd) -> bool:
-    return WARM and isinstance(cmd, (list, tuple)) and len(cmd) >= 2 and cmd[0] == sys.executable and cmd[1] == "-m"
+    return WARM and isinstance(cmd, (list, tuple)) and len(cmd) >= 3 and cmd[0] == sys.executable and cmd[1] == "-m"
 
 
 def _fd_for(spec, default: int, stdout_fd: int | None = None) -> tuple[int, int | None]:
@@ -244,19 +297,36 @@ class Popen:
     def __init__(self, cmd, env=None, cwd=None, stdin=None, stdout=None, stderr=None, text=False,
                  start_new_session=False):  # fmt: skip
         env = dict(os.environ if env is None else env)
+        cwd = os.path.abspath(cwd or os.getcwd())
+        if not os.path.isdir(cwd):
+            raise FileNotFoundError(2, "No such file or directory", cwd)  # as subprocess raises it
         self.args, self.returncode = list(cmd), None
-        in_fd, in_w = _fd_for(stdin, 0)
-        out_fd, out_r = _fd_for(stdout, 1)
-        err_fd, err_r = _fd_for(stderr, 2, out_fd)
+        ends: list[int] = []  # every descriptor made here, closed if the start fails
+        try:
+            in_fd, in_w = _fd_for(stdin, 0)
+            out_fd, out_r = _fd_for(stdout, 1)
+            err_fd, err_r = _fd_for(stderr, 2, out_fd)
+            ends += [fd for fd in (in_fd, in_w, out_fd, out_r, err_fd, err_r) if fd is not None]
+            self._server = _server(env)
+        except BaseException:
+            _close(ends)
+            raise
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server = _server(env)
-        self._conn.connect(self._server.path)
-        req = {"argv": [str(a) for a in cmd], "env": env, "cwd": str(cwd or os.getcwd()),
-               "new_session": bool(start_new_session)}  # fmt: skip
-        _send(self._conn, req, [in_fd, out_fd, err_fd])
-        for fd in (in_fd, out_fd, err_fd):
-            os.close(fd)
-        self.pid = _recv(self._conn)[0]["pid"]
+        try:
+            self._conn.connect(self._server.path)
+            req = {"argv": [str(a) for a in cmd], "env": env, "cwd": cwd, "new_session": bool(start_new_session)}
+            _send(self._conn, req, [in_fd, out_fd, err_fd])
+            _close([in_fd, out_fd, err_fd])
+            ends = [fd for fd in (in_w, out_r, err_r) if fd is not None]
+            msg, _ = _recv(self._conn)
+            if msg is None or "pid" not in msg:
+                raise RuntimeError(f"warm server {self._server.proc.pid} did not start {cmd[2]}: {msg}")
+        except BaseException:
+            _close([fd for fd in ends if _is_open(fd)])
+            self._conn.close()
+            _release(self._server)
+            raise
+        self.pid = msg["pid"]
 
         def stream(fd, mode):
             if fd is None:
@@ -276,8 +346,10 @@ class Popen:
     def _status(self):
         msg, _ = _recv(self._conn)
         self._conn.close()
-        with _lock:
-            self._server.running -= 1
+        _release(self._server)
+        if msg is None:
+            self.returncode = -signal.SIGKILL
+            raise RuntimeError(f"warm server {self._server.proc.pid} ended before reporting pid {self.pid}'s status")
         self.returncode = os.waitstatus_to_exitcode(msg["status"])
 
     def wait(self, timeout=None):
@@ -289,8 +361,12 @@ class Popen:
         return self.returncode
 
     def send_signal(self, sig):
+        self.poll()
         if self.returncode is None:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # ended and reaped by the server: its status is on the way (as subprocess)
+                pass
 
     def kill(self):
         self.send_signal(signal.SIGKILL)
@@ -299,21 +375,38 @@ class Popen:
         self.send_signal(signal.SIGTERM)
 
     def communicate(self, input=None, timeout=None):
-        """(stdout, stderr) read to their ends (each in its own thread, as subprocess does), then the exit status."""
-        if self.stdin is not None:
-            if input:
-                self.stdin.write(input)
-            self.stdin.close()
+        """(stdout, stderr) read to their ends and stdin fed, each in its own thread as subprocess does, then the exit
+        status. A reader's exception is raised here."""
         got: dict[str, object] = {}
-        readers = [threading.Thread(target=lambda n=n, s=s: got.__setitem__(n, s.read()), daemon=True)
-                   for n, s in (("out", self.stdout), ("err", self.stderr)) if s is not None]  # fmt: skip
-        for t in readers:
+        errors: list[BaseException] = []
+
+        def read(name, s):
+            try:
+                got[name] = s.read()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+                errors.append(e)
+
+        def feed():
+            try:
+                if input:
+                    self.stdin.write(input)
+                self.stdin.close()
+            except BrokenPipeError:  # the command ended without reading it all (ignored, as subprocess does)
+                pass
+
+        pipes = [(n, s) for n, s in (("out", self.stdout), ("err", self.stderr)) if s is not None and not s.closed]
+        threads = [threading.Thread(target=read, args=p, daemon=True) for p in pipes]
+        if self.stdin is not None and not self.stdin.closed:
+            threads.append(threading.Thread(target=feed, daemon=True))
+        for t in threads:
             t.start()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for t in readers:
+        for t in threads:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if t.is_alive():
                 raise subprocess.TimeoutExpired(self.args, timeout)
+        if errors:
+            raise errors[0]
         self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         for s in (self.stdout, self.stderr):
             if s is not None:
@@ -328,6 +421,14 @@ class Popen:
             if s is not None:
                 s.close()
         self.wait()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
 
 
 def popen(cmd, **kw):
@@ -348,7 +449,7 @@ def run(cmd, *, input=None, capture_output=False, timeout=None, check=False, std
         out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait()
+        proc.wait()  # (its readers end at the pipes' end of file, the command being gone)
         raise
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check:

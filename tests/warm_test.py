@@ -17,6 +17,10 @@ PROBE = """
 import json, os, sys
 if sys.argv[1:2] == ["raise"]:
     raise ValueError("boom")
+if sys.argv[1:2] == ["interrupt"]:
+    raise KeyboardInterrupt
+if sys.argv[1:2] == ["quick"]:
+    sys.exit(5)
 if sys.argv[1:2] == ["sleep"]:
     import time
     print("ready", flush=True)
@@ -58,11 +62,11 @@ def test_a_warm_command_behaves_as_a_fresh_interpreter(probe, tmp_path):
     servers = len(warm._servers)
     again = warm.run([*cmd, "a"], env=dict(env, XLA_FLAGS="x"), cwd=tmp_path, capture_output=True, text=True)
     assert '"xla": "x"' in again.stdout and len(warm._servers) == servers
-    for args in (["raise"], ["exit", "message"]):  # an uncaught exception; sys.exit with a string
+    # An uncaught exception, sys.exit with a string, an uncaught KeyboardInterrupt (Python then ends by SIGINT).
+    for args, status in ((["raise"], 1), (["exit", "message"], 1), (["interrupt"], -signal.SIGINT)):
         cold, hot = _both([*cmd, *args], env=env, cwd=tmp_path)
-        assert hot.returncode == cold.returncode == 1 and hot.stdout == cold.stdout
-        assert hot.stderr.splitlines()[-1] == cold.stderr.splitlines()[-1]
-        assert ("Traceback" in hot.stderr) == ("Traceback" in cold.stderr) == (args == ["raise"])
+        assert hot.returncode == cold.returncode == status and hot.stdout == cold.stdout
+        assert hot.stderr == cold.stderr  # the same traceback, from the command's own frames
 
 
 def test_signals_reach_the_warm_command_alone(probe, tmp_path):
@@ -73,8 +77,7 @@ def test_signals_reach_the_warm_command_alone(probe, tmp_path):
         p.send_signal(sig)
         assert p.wait(timeout=30) == -sig
         p.stdout.close()
-    server = next(iter(warm._servers.values()))
-    assert server.proc.poll() is None  # the server lives on
+    assert warm._servers[warm._import_env(env)].proc.poll() is None  # the server lives on
     with pytest.raises(subprocess.TimeoutExpired):
         p = warm.popen([*cmd, "sleep"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL)
         p.wait(timeout=0.2)
@@ -86,3 +89,21 @@ def test_other_command_lines_go_to_subprocess(tmp_path):
     r = warm.run([sys.executable, "-c", "import sys; print(len(sys.modules) > 0)"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == "True\n"
     assert not warm._warmable([sys.executable, str(Path(warm.__file__))])
+
+
+def test_exit_statuses_of_commands_that_end_at_once_are_never_lost(probe, tmp_path):
+    """Commands that end before the test looks (the pid and the status can arrive together), from two threads at
+    once; a signal to one that has ended is ignored, as subprocess does."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    cmd, env = probe
+
+    def one(_):
+        p = warm.popen([*cmd, "quick"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL)
+        time.sleep(0.3)
+        p.kill()  # it has ended: nothing happens
+        return p.poll() if p.poll() is not None else p.wait(timeout=30)
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(one, range(6))) == [5] * 6
