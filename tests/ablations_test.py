@@ -118,7 +118,7 @@ def test_ablation_suite_smoke_end_to_end(tmp_path):
            f"--workdir={work}", f"--report_dir={out}", f"--config.experiment.commonsense_dir={data}",
            "--config.experiment.commonsense_tasks=('t1','t2','t3','held')",
            "--config.experiment.families=('t1=a','t2=a','t3=b','held=b')",
-           "--config.experiment.secondary=()",
+           "--config.experiment.secondary=()", "--config.experiment.limit=2",  # 2 scored items per task
            # one arm per group (the arms' configs are checked above): each group runs and is reported
            "--config.ablations.groups.conditions=('answers',)", "--config.ablations.groups.num_conditions=('2',)",
            "--config.ablations.groups.arrangements=('1',)", "--config.ablations.groups.fewshot=('1',)"]  # fmt: skip

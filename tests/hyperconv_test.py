@@ -66,17 +66,18 @@ def test_bf16_compute_keeps_fp32_params_and_output():
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("shape,k", [((2, 5, 7, 6), 5), ((1, 3, 12, 4), 9)])  # a spatial axis shorter than k
 def test_fft_conv_equals_direct_conv_and_its_gradients(spec, axis, shape, k):
-    """Both ways of the FFT conv, for every dimension order the layer uses, against lax.conv."""
+    """Both ways of the FFT conv, for every dimension order the layer uses, against lax.conv (each side compiled
+    whole, as in the model: op by op, this grid cost ~50 s in compiles of single ops)."""
     x = jax.random.normal(jax.random.key(0), shape)
     w = jax.random.normal(jax.random.key(1), (k, k, shape[spec[1]], 3))
     direct = lambda x, w: conv_paths.conv(x, w, spec, jnp.float32, "direct")  # noqa: E731
     fft = lambda x, w: conv_paths.fft_conv(x, w, spec, axis)  # noqa: E731
-    want, got = direct(x, w), fft(x, w)
+    want, got = jax.jit(direct)(x, w), jax.jit(fft)(x, w)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * float(jnp.abs(want).max()))
     probe = jax.random.normal(jax.random.key(2), want.shape)
-    gw = jax.grad(lambda x, w: (direct(x, w) * probe).sum(), argnums=(0, 1))(x, w)
-    gf = jax.grad(lambda x, w: (fft(x, w) * probe).sum(), argnums=(0, 1))(x, w)
+    gw = jax.jit(jax.grad(lambda x, w: (direct(x, w) * probe).sum(), argnums=(0, 1)))(x, w)
+    gf = jax.jit(jax.grad(lambda x, w: (fft(x, w) * probe).sum(), argnums=(0, 1)))(x, w)
     for a, b in zip(gf, gw, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4 * float(jnp.abs(b).max()))
 

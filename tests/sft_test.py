@@ -155,7 +155,7 @@ def _cli(family, work: Path, **extra) -> list[str]:
 def test_cli_sft_resumes_after_a_kill_bit_identically(family, tmp_path):
     """An SFT run from the CLI (configs/arc_c.py:smoke pointed at the tiny family), killed (SIGKILL) after its step-2
     checkpoint, resumes to the same state as an uninterrupted run; a bad objective is one line and exit 2."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}  # the other tests' warm server
     bad = warm.run(_cli(family, tmp_path / "bad", **{"train.objective": "nope"}), env=env, cwd=REPO,
                          capture_output=True, text=True)  # fmt: skip
     errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
