@@ -212,7 +212,8 @@ def _child(conn: socket.socket, req: dict, fds: list[int]) -> None:
 
 class _Server:
     def __init__(self, env: dict):
-        self.path = os.path.join(tempfile.mkdtemp(prefix="dnd_jax_warm_"), "sock")
+        short = len(tempfile.gettempdir()) > 60 and os.path.isdir("/tmp")  # a socket path has at most 107 bytes
+        self.path = os.path.join(tempfile.mkdtemp(prefix="dnd_jax_warm_", dir="/tmp" if short else None), "sock")
         code = f"from tests.warm import serve; serve({self.path!r}, {os.getpid()})"
         self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={"PYTHONPATH": str(REPO), **env},
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
