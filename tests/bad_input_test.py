@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from converters.synthetic import write_synthetic_adapter
 from tests import warm
 from tests.collect_test import write_dataset
 from tests.lora_fixtures import QWEN2, write_tiny_llama
-from tests.train_fixtures import cli_overrides, make_experiment
+from tests.train_fixtures import cli_env, cli_overrides, make_experiment
 
 pytestmark = pytest.mark.needs_models  # every test here loads SmolLM2 or all-MiniLM-L6-v2
 REPO = Path(__file__).resolve().parents[1]
@@ -63,14 +62,10 @@ def world(tmp_path_factory) -> Path:
     trainer.train_and_evaluate(tiny_config(root / "exp", **over), root / "run", devices=jax.devices()[:1])
     write_tiny_llama(root / "llama")
     write_dataset(root / "toy")
-    r = warm.run(_collect(root, "toy"), env=_env(), cwd=REPO, capture_output=True, text=True)
+    r = warm.run(_collect(root, "toy"), env=cli_env(), cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (root / "prompts.txt").write_text("\n".join(f"What is {i} + {i}?" for i in range(8)) + "\n")
     return root
-
-
-def _env(**extra) -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8", **extra)
 
 
 def _train(root: Path, *extra: str, config: str = "configs/arc_c.py:smoke", **over) -> list[str]:
@@ -283,7 +278,7 @@ def _run_case(case: Case, world: Path, base: Path) -> str | None:
     before = _snapshot(root)
     if case.fsize_limit is not None:  # the limit is set in the child itself (no preexec_fn in a JAX process)
         argv = [PY, "-c", _LIMITED.format(limit=case.fsize_limit), *argv[1:]]
-    r = warm.run(argv, env=_env(**case.env), cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = warm.run(argv, env=cli_env(**case.env), cwd=REPO, capture_output=True, text=True, timeout=300)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     problems = []
     if r.returncode != 2:

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from tests import warm
-from tests.train_fixtures import cli_overrides, make_experiment
+from tests.train_fixtures import cli_env, cli_overrides, make_experiment
 
 pytestmark = pytest.mark.needs_models  # every test here loads SmolLM2 or all-MiniLM-L6-v2
 REPO = Path(__file__).resolve().parents[1]
@@ -100,11 +100,6 @@ def kill_chain(cmd: list[str], env: dict, root: Path, moments: list[Moment], che
     return outcomes
 
 
-def _jax_env() -> dict:
-    """8 devices; the test run's persistent compilation cache (tests/conftest.py: every program cached)."""
-    return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
-
-
 # ----------------------------------------------------------------------------------------------- train
 
 
@@ -138,7 +133,7 @@ def test_train_survives_kills_at_random_moments(tmp_path):
         return [sys.executable, "-m", "dnd_jax.train", "--config", str(REPO / "configs/arc_c.py:smoke"),
                 f"--workdir={work}", *over]  # fmt: skip
 
-    env = _jax_env()
+    env = cli_env()  # with the test run's persistent compilation cache (tests/conftest.py: every program)
     full = warm.run(cmd(tmp_path / "full"), env=env, cwd=REPO, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr[-2000:]
 

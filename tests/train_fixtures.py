@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,14 @@ import transformers
 
 from converters.synthetic import write_synthetic_adapter
 from tests.lora_fixtures import QWEN2
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra) -> dict:
+    """The environment of a command a test starts: this repository importable, 8 CPU devices (as the tests')."""
+    return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8", **extra)
+
 
 NAMES = ("alpha", "beta", "gamma")  # two training datasets and a held-out one
 TOKENS = (87, 10, 34)  # tiny Qwen2, r 8, chunk 32

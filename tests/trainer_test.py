@@ -18,7 +18,7 @@ from dnd_jax.checkpointing import Checkpointer
 from dnd_jax.errors import DndError
 from dnd_jax.models import conv_paths
 from tests import warm
-from tests.train_fixtures import cli_overrides, make_experiment, params_close, tiny_config
+from tests.train_fixtures import cli_env, cli_overrides, make_experiment, params_close, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +161,7 @@ def test_one_writer_per_workdir_and_a_stale_lock_does_not_block(exp, tmp_path):
 @pytest.mark.needs_models
 def test_sigterm_saves_at_the_next_step_and_exits_0(exp, tmp_path):
     """What TPU VMs and SLURM send before preemption: save, exit 0 with a line saying how to resume."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = cli_env()
     work, steps = tmp_path / "w", 16  # the signal comes after step 3 or 4 (one step: ~0.3 s); the resume runs the rest
     cmd = [*_train_cmd(exp, work, steps), "--config.train.checkpoint_every=1000", "--config.train.log_every=1"]
     p = warm.popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -44,7 +44,7 @@ PRELOAD = ("numpy", "jax", "jax.numpy", "flax", "flax.nnx", "optax", "orbax.chec
 # Read after start-up (by XLA when a backend starts, by pytest, by this repository's code when it needs them): these
 # may differ between the commands of one server (prefixes).
 RUNTIME_ENV = ("XLA_FLAGS", "PYTEST_", "DND_JAX_")
-# Servers kept per pytest worker (each holds ~0.7 GB); the least recently used idle one goes first.
+# Servers kept per pytest worker (each holds ~0.37 GB resident); the least recently used idle one goes first.
 MAX_SERVERS = 3
 WARM = os.environ.get("DND_JAX_TEST_WARM", "1") != "0"  # DND_JAX_TEST_WARM=0: every command in a fresh interpreter
 
@@ -302,12 +302,14 @@ class Popen:
         if not os.path.isdir(cwd):
             raise FileNotFoundError(2, "No such file or directory", cwd)  # as subprocess raises it
         self.args, self.returncode = list(cmd), None
-        ends: list[int] = []  # every descriptor made here, closed if the start fails
+        ends: list[int] = []  # every descriptor made here and still open, closed if the start fails
         try:
             in_fd, in_w = _fd_for(stdin, 0)
+            ends += [fd for fd in (in_fd, in_w) if fd is not None]
             out_fd, out_r = _fd_for(stdout, 1)
+            ends += [fd for fd in (out_fd, out_r) if fd is not None]
             err_fd, err_r = _fd_for(stderr, 2, out_fd)
-            ends += [fd for fd in (in_fd, in_w, out_fd, out_r, err_fd, err_r) if fd is not None]
+            ends += [fd for fd in (err_fd, err_r) if fd is not None]
             self._server = _server(env)
         except BaseException:
             _close(ends)
@@ -323,7 +325,7 @@ class Popen:
             if msg is None or "pid" not in msg:
                 raise RuntimeError(f"warm server {self._server.proc.pid} did not start {cmd[2]}: {msg}")
         except BaseException:
-            _close([fd for fd in ends if _is_open(fd)])
+            _close(ends)
             self._conn.close()
             _release(self._server)
             raise
@@ -422,14 +424,6 @@ class Popen:
             if s is not None:
                 s.close()
         self.wait()
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
 
 
 def popen(cmd, **kw):
