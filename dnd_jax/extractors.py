@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -174,30 +175,50 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
 
 
 def _taker(sd: dict, path: Path, what: str):
-    def take(key: str, shape) -> jnp.ndarray:
+    def take(key: str, shape) -> np.ndarray:
         if key not in sd:
             raise DndError(f"{path}: weight {key!r} missing; not a {what} checkpoint")
         v = np.asarray(sd[key], np.float32)
         if v.shape != tuple(shape):
             raise DndError(f"{path}: weight {key!r} has shape {list(v.shape)}, expected {list(shape)}")
-        return jnp.asarray(v)
+        return v
 
     return take
+
+
+def abstract_module(make):
+    """The module `make()` builds, its variables abstract (shapes and dtypes): no random init and no device work,
+    which `_fill` and `_set` then replace from a checkpoint (`check_filled` says if one was left out). Loading this
+    way runs no JAX op, so a fresh process compiles nothing to load a model: MiniLM 3.1 -> 0.2 s, SmolLM2 as a
+    causal LM 8.3 -> 4.1 s (2 EPYC cores)."""
+    return nnx.eval_shape(make)
+
+
+def _set(var, value: np.ndarray) -> None:
+    var.set_value(jnp.asarray(value, var.dtype))
+
+
+def check_filled(model, path: Path) -> None:
+    """Every variable of `model` holds an array (none left abstract by a loader)."""
+    left = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+            if isinstance(v, jax.ShapeDtypeStruct)]  # fmt: skip
+    if left:
+        raise DndError(f"{path}: no checkpoint weight for {', '.join(left[:3])}")
 
 
 def _fill(mod, hf: str, take) -> None:
     """Copies the HF weights named `hf`.* into an Embed, LayerNorm, our RMSNorm or a Linear."""
     if isinstance(mod, nnx.Embed):
-        mod.embedding[...] = take(f"{hf}.weight", mod.embedding.shape)
+        _set(mod.embedding, take(f"{hf}.weight", mod.embedding.shape))
     elif isinstance(mod, nnx.LayerNorm):
-        mod.scale[...] = take(f"{hf}.weight", mod.scale.shape)
-        mod.bias[...] = take(f"{hf}.bias", mod.bias.shape)
+        _set(mod.scale, take(f"{hf}.weight", mod.scale.shape))
+        _set(mod.bias, take(f"{hf}.bias", mod.bias.shape))
     elif isinstance(mod, nnx.Linear):  # torch [out, in] -> kernel [in, out]
-        mod.kernel[...] = take(f"{hf}.weight", mod.kernel.shape[::-1]).T
+        _set(mod.kernel, take(f"{hf}.weight", mod.kernel.shape[::-1]).T)
         if mod.bias is not None:
-            mod.bias[...] = take(f"{hf}.bias", mod.bias.shape)
+            _set(mod.bias, take(f"{hf}.bias", mod.bias.shape))
     else:  # RMSNorm
-        mod.weight[...] = take(f"{hf}.weight", mod.weight.shape)
+        _set(mod.weight, take(f"{hf}.weight", mod.weight.shape))
 
 
 _BERT = {  # our path -> HF key (relative to a layer for the layer fields)
@@ -227,12 +248,13 @@ def load_bert(path: str | Path, dtype=jnp.float32) -> BertEncoder:
     path = Path(path)
     cfg = BertConfig.from_hf(*_config(path))
     take = _taker(_bert_state_dict(path), path, "BERT")
-    model = BertEncoder(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    model = abstract_module(lambda: BertEncoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     for name in ("word", "position", "token_type", "emb_norm"):
         _fill(getattr(model, name), _BERT[name], take)
     for i, layer in enumerate(model.layers):
         for name in ("query", "key", "value", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm"):
             _fill(getattr(layer, name), f"encoder.layer.{i}.{_BERT[name]}", take)
+    check_filled(model, path)
     return model
 
 
@@ -253,14 +275,24 @@ def load_decoder_lm(path: str | Path, num_layers: int = 0, dtype=jnp.float32) ->
     """
     path = Path(path)
     cfg = DecoderConfig.from_hf(*_config(path), num_layers=num_layers)
-    sd = {k.removeprefix("model."): v for k, v in read_state_dict(path).items()}
+    model = abstract_module(lambda: DecoderLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    fill_decoder_lm(model, decoder_state_dict(path), path)
+    check_filled(model, path)
+    return model
+
+
+def decoder_state_dict(path: Path) -> dict[str, np.ndarray]:
+    """A Llama/Qwen2 directory's tensors without the CausalLM's "model." prefix (a bare model's keys as they are)."""
+    return {k.removeprefix("model."): v for k, v in read_state_dict(path).items()}
+
+
+def fill_decoder_lm(model: DecoderLM, sd: dict, path: Path) -> None:
+    """Sets a DecoderLM's embedding and layers from `decoder_state_dict(path)`."""
     take = _taker(sd, path, "Llama/Qwen2")
-    model = DecoderLM(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     _fill(model.embed, "embed_tokens", take)
     for i, layer in enumerate(model.layers):
         for name, hf in _DECODER.items():
             _fill(getattr(layer, name), f"layers.{i}.{hf}", take)
-    return model
 
 
 def load_static(path: str | Path, dtype=jnp.float32, tokenizer=None) -> StaticEmbedding:
@@ -275,6 +307,7 @@ def load_static(path: str | Path, dtype=jnp.float32, tokenizer=None) -> StaticEm
     bert = BertConfig.from_hf(*_config(path))
     unk = (tokenizer or load_tokenizer(path)).unk_token_id
     cfg = StaticConfig(vocab_size=bert.vocab_size, hidden_size=bert.hidden_size, oov_id=-1 if unk is None else unk)
-    model = StaticEmbedding(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    model = abstract_module(lambda: StaticEmbedding(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     _fill(model.table, _BERT["word"], _taker(_bert_state_dict(path), path, "BERT"))
+    check_filled(model, path)
     return model

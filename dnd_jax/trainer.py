@@ -36,7 +36,7 @@ from dnd_jax.errors import DndError
 from dnd_jax.fileio import workdir_lock
 from dnd_jax.metrics_writer import Writer, to_host
 from dnd_jax.models.hyperconv import HyperConvDecoder, generator_config, layer_flops
-from dnd_jax.objectives.recon import _encode, b_token_mask, make_steps, weighted_mse  # noqa: F401 (callers use trainer.*)
+from dnd_jax.objectives.recon import _encode, b_token_mask, make_steps, seed_array, weighted_mse  # noqa: F401 (callers use trainer.*)
 from dnd_jax.train_data import (  # noqa: F401 (callers use trainer.*)
     Data,
     _barrier,
@@ -66,8 +66,9 @@ def make_init_state(config):
     gen = generator_config(config)
     tx, _ = make_optimizer(config)
 
-    def init_state():
-        params = nnx.to_pure_dict(nnx.state(HyperConvDecoder(gen, nnx.Rngs(params=config.seed)), nnx.Param))
+    def init_state(seed=None):  # seed: a runtime seed_array (one program for every seed); None: config.seed
+        key = jax.random.key(config.seed if seed is None else seed)
+        params = nnx.to_pure_dict(nnx.state(HyperConvDecoder(gen, nnx.Rngs(params=key)), nnx.Param))
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
     return init_state
@@ -120,6 +121,9 @@ def validate_config(config) -> None:
             raise DndError(f"config field {name}: {v!r} is not a number")
         if v < 0 or (v == 0 and name in _POSITIVE):
             raise DndError(f"config field {name}: {v!r} must be {'positive' if name in _POSITIVE else '>= 0'}")
+    seed = config.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise DndError(f"config field seed: {seed!r} must be a whole number from 0 to 2147483647")
     from dnd_jax.data.prompts import check_condition
     from dnd_jax.objectives.sft import objective_of
 
@@ -219,7 +223,7 @@ def _plan(config, workdir: Path, data: Data, gen, mesh, rules, lo: int, hi: int)
         step, evaluate = make_steps(config, graphdef, enc_graphdef, tx, schedule, data.key_length)
         return {"init_state": make_init_state(config), "param_sh": param_sh, "flops": flops,
                 "aux": {"enc": enc_state, "weight": jnp.asarray(data.weight)},
-                "steps": (lambda st, aux, b: step(st, aux["enc"], b, aux["weight"]),
+                "steps": (lambda st, aux, b: step(st, aux["enc"], b, aux["weight"], aux["seed"]),
                           lambda p, aux, b: dict(zip(("wmse", "generated_mean_square"),
                                                      evaluate(p, aux["enc"], b, aux["weight"]), strict=True))),
                 "rows": lambda s: data.sampler.rows(s, lo, hi),
@@ -233,7 +237,7 @@ def _plan(config, workdir: Path, data: Data, gen, mesh, rules, lo: int, hi: int)
         centre = aux["centre"]
         param_sh = jax.tree.map(lambda _: sharding.replicated(mesh), centre)
 
-        def init_state():
+        def init_state(seed=None):  # starts at the control: no random init
             params = jax.tree.map(jnp.asarray, centre)
             return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
@@ -252,7 +256,10 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
     n_proc, pid = jax.process_count(), jax.process_index()
     lo, hi = pid * t.batch_size // n_proc, (pid + 1) * t.batch_size // n_proc
     plan = _plan(config, workdir, data, gen, mesh, rules, lo, hi)
-    init_state, aux, param_sh = plan["init_state"], jax.device_put(plan["aux"], rep), plan["param_sh"]
+    # The seed is a runtime input of the init and the step (not a constant in them): runs that differ only in seed
+    # (an experiment's generator seeds) share the compiled programs.
+    aux = jax.device_put({**plan["aux"], "seed": seed_array(config.seed)}, rep)
+    init_state, param_sh = plan["init_state"], plan["param_sh"]
     abstract_state = jax.eval_shape(init_state)
     state_sh = {"params": param_sh, "opt_state": _tree_shardings(abstract_state["opt_state"], param_sh, rep),
                 "step": rep}  # fmt: skip
@@ -270,7 +277,7 @@ def _run(config, workdir, data: Data, gen, mesh, rules) -> dict:
     ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
     start = ckpt.latest_step()
     if start is None:
-        state, start = jax.jit(init_state, out_shardings=state_sh)(), 0
+        state, start = jax.jit(init_state, in_shardings=(rep,), out_shardings=state_sh)(aux["seed"]), 0
     else:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
         state = ckpt.restore(start, target)

@@ -167,6 +167,7 @@ CASES = [
     Case("wrong type", lambda r: _train(r, "--config.train.steps=abc"), ("train.steps", "abc")),
     Case("negative batch", lambda r: _train(r, **{"train.batch_size": -4}), ("train.batch_size", "must be positive")),
     Case("zero steps", lambda r: _train(r, **{"train.steps": 0}), ("train.steps", "must be positive")),
+    Case("negative seed", lambda r: _train(r, seed=-1), ("config field seed", "from 0 to 2147483647")),
     Case("batch not divisible by the mesh", lambda r: _train(r, **{"train.batch_size": 6, "mesh.shape": (4, 2)}),
          ("train.batch_size", "not divisible by the 8 devices")),
     Case("config file missing", lambda r: _train(r, config="configs/nope.py"), ("nope.py",)),

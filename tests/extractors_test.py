@@ -208,3 +208,14 @@ def test_smoke_training_per_extractor_type(exp, tmp_path, kind, width):
     bad = _smoke_config(kind, exp, **{"model.features": ((4, 16, 100), (8, 8, 34), (87, 10, 34))})
     with pytest.raises(DndError, match=f"encoder hidden size {width} != model.features\\[0\\]\\[2\\] 100"):
         trainer.train_and_evaluate(bad, tmp_path / f"{kind}-bad")
+
+
+def test_loaders_build_no_random_init_and_a_weight_left_out_is_an_error(tmp_path):
+    """Loaders fill an abstract module (no random init, no JAX op); a variable no weight reached is one error."""
+    m = extractors.abstract_module(lambda: nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    assert isinstance(m.kernel.get_value(), jax.ShapeDtypeStruct)
+    m.kernel.set_value(jnp.ones((2, 3)))
+    with pytest.raises(DndError, match=r"no checkpoint weight for .*bias"):
+        extractors.check_filled(m, tmp_path)
+    m.bias.set_value(jnp.zeros(3))
+    extractors.check_filled(m, tmp_path)

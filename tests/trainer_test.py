@@ -106,6 +106,36 @@ def test_encoder_cache_trains_like_encoding_every_step(exp, tmp_path):
     assert params_close(cached["state"]["params"], plain["state"]["params"]) < 1e-6
 
 
+@pytest.mark.needs_models
+def test_the_seed_is_a_runtime_input_same_keys_and_one_program_for_every_seed(exp, tmp_path, caplog):
+    """config.seed enters the init and the train step at run time: the same keys and initial parameters as the
+    constant seed (jax.random.key of a Python int), and a run with another seed reuses the compiled programs."""
+    import logging
+
+    from dnd_jax.objectives.recon import seed_array, step_key
+
+    for s in (0, 999, 2**31 - 1):
+        got = jax.jit(lambda x: jax.random.key_data(step_key(x, 7)))(seed_array(s))
+        np.testing.assert_array_equal(got, jax.random.key_data(jax.random.fold_in(jax.random.key(s), 7)))
+    init = trainer.make_init_state(tiny_config(exp, seed=5))
+    runtime, constant = jax.device_get(jax.jit(init)(seed_array(5))), jax.device_get(jax.jit(init)())
+    assert jax.tree.all(jax.tree.map(np.array_equal, runtime, constant))
+    assert not jax.tree.all(jax.tree.map(np.array_equal, runtime, jax.device_get(jax.jit(init)(seed_array(6)))))
+    # Every program of the seed-6 run comes from the persistent cache the seed-5 run filled.
+    over = {"train.steps": 1, "mesh.shape": (1, 1)}
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        trainer.train_and_evaluate(tiny_config(exp, seed=5, **over), tmp_path / "s5", devices=jax.devices()[:1])
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="jax._src.compiler"):
+            trainer.train_and_evaluate(tiny_config(exp, seed=6, **over), tmp_path / "s6", devices=jax.devices()[:1])
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+    hits = " ".join(r.getMessage() for r in caplog.records if "cache hit" in r.getMessage())
+    assert "'jit_counted'" in hits and "'jit_init_state'" in hits, hits[-2000:]
+
+
 def trainer_init(exp):
     from flax import nnx
 

@@ -45,16 +45,15 @@ class CausalLM(nnx.Module):
       cfg: hyper-parameters with `num_layers` == `depth` (every layer runs).
       tie_embeddings: the LM head is the embedding (HF `tie_word_embeddings`); else an own `lm_head`.
       dtype: compute dtype (parameters and logits are float32; norms and softmax compute in float32).
-      rngs: initialisation of new parameters.
-      decoder: a loaded `DecoderLM` of `cfg` (embedding and layers) to use instead of a new one.
+      rngs: initialisation of new parameters (`load_causal_lm` builds it abstract and fills it from a checkpoint).
     """
 
-    def __init__(self, cfg: DecoderConfig, tie_embeddings: bool, dtype=jnp.float32, rngs=None, decoder=None):
+    def __init__(self, cfg: DecoderConfig, tie_embeddings: bool, dtype=jnp.float32, rngs=None):
         if cfg.num_layers != cfg.depth:
             raise DndError(f"CausalLM runs every layer: num_layers {cfg.num_layers} != depth {cfg.depth}")
         rngs = rngs or nnx.Rngs(0)
         self.cfg, self.tie_embeddings = cfg, tie_embeddings
-        self.decoder = decoder if decoder is not None else DecoderLM(cfg, dtype, rngs)
+        self.decoder = DecoderLM(cfg, dtype, rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         kw = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.lm_head = None if tie_embeddings else nnx.Linear(cfg.hidden_size, cfg.vocab_size, **kw)
@@ -223,7 +222,7 @@ def load_causal_lm(name_or_dir: str | Path, dtype=jnp.float32):
       (CausalLM, its right-padding tokenizer, DecoderConfig).
     """
     from dnd_jax.assets import resolve_model  # the loaders live a floor up (they import models/)
-    from dnd_jax.extractors import load_decoder_lm, load_tokenizer, read_state_dict
+    from dnd_jax.extractors import abstract_module, check_filled, decoder_state_dict, fill_decoder_lm, load_tokenizer
 
     path = Path(resolve_model(str(name_or_dir)))
     cfg_path = path / "config.json"
@@ -231,10 +230,10 @@ def load_causal_lm(name_or_dir: str | Path, dtype=jnp.float32):
         raise DndError(f"{path}: no config.json; not a model directory")
     hf = json.loads(cfg_path.read_text())
     cfg = DecoderConfig.from_hf(hf, str(cfg_path), num_layers=hf.get("num_hidden_layers", 0))
-    decoder = load_decoder_lm(path, cfg.depth, dtype)
     tie = bool(hf.get("tie_word_embeddings", False))  # LlamaConfig's and Qwen2Config's default
-    model = CausalLM(cfg, tie, dtype, nnx.Rngs(0), decoder=decoder)
-    sd = {k.removeprefix("model."): v for k, v in read_state_dict(path).items()}  # CausalLM or bare model
+    model = abstract_module(lambda: CausalLM(cfg, tie, dtype, nnx.Rngs(0)))  # shapes only: filled below
+    sd = decoder_state_dict(path)  # CausalLM or bare model
+    fill_decoder_lm(model.decoder, sd, path)
 
     def take(key: str, shape) -> np.ndarray:
         if key not in sd or tuple(sd[key].shape) != tuple(shape):
@@ -242,7 +241,8 @@ def load_causal_lm(name_or_dir: str | Path, dtype=jnp.float32):
             raise DndError(f"{path}: weight {key!r} {found}, expected {list(shape)} (tie_word_embeddings {tie})")
         return np.asarray(sd[key], np.float32)
 
-    model.norm.weight[...] = take("norm.weight", (cfg.hidden_size,))
+    model.norm.weight.set_value(jnp.asarray(take("norm.weight", (cfg.hidden_size,))))
     if not tie:
-        model.lm_head.kernel[...] = take("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)).T
+        model.lm_head.kernel.set_value(jnp.asarray(take("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)).T))
+    check_filled(model, path)
     return model, load_tokenizer(path, right_pad=True), cfg

@@ -29,6 +29,17 @@ def weighted_mse(pred_btrk, target_btrk, weight_t):
     return jnp.sum(jnp.where(valid, weight_t[None, :, None, None] * err, 0.0)) / jnp.maximum(valid.sum(), 1)
 
 
+def seed_array(seed: int) -> np.ndarray:
+    """config.seed as the int32 scalar that jax.random.key makes of a Python int (x32): passed to a jitted program
+    as a runtime input it gives the same key, so one compiled program serves every seed."""
+    return np.asarray(seed, np.int32)  # validate_config keeps the seed in [0, 2**31)
+
+
+def step_key(seed, step):
+    """The train step's key: jax.random.key(seed) folded with the step (seed: an int or a seed_array)."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
 def b_token_mask(layout) -> np.ndarray:
     """[T] float32: 1 on B^T tokens, 0 on A tokens."""
     mask = np.zeros(layout.num_tokens, np.float32)
@@ -59,8 +70,8 @@ def make_steps(config, graphdef, enc_graphdef, tx, schedule, key_length: int | N
         loss = weighted_mse(pred, target, weight)
         return loss, (jnp.mean(jnp.square(pred.astype(jnp.float32))), jnp.mean(jnp.square(batch["tokens"])))
 
-    def train_step(state, enc_state, batch, weight):
-        key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+    def train_step(state, enc_state, batch, weight, seed=None):  # seed: a runtime seed_array; None: config.seed
+        key = step_key(config.seed if seed is None else seed, state["step"])
         (loss, (gen_ms, tgt_ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], enc_state, batch, weight, key
         )

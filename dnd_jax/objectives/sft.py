@@ -30,7 +30,7 @@ from flax import nnx
 
 from dnd_jax import fast_random, lora_tokens
 from dnd_jax.errors import DndError
-from dnd_jax.objectives.recon import _encode, weighted_mse
+from dnd_jax.objectives.recon import _encode, step_key, weighted_mse
 
 OBJECTIVES = ("recon", "sft", "sft+recon", "mt_lora")
 CONTROL_FILE = "control_tokens.npy"
@@ -310,7 +310,7 @@ def make_steps(config, graphdef, enc_graphdef, lm_graphdef, tx, schedule, layout
         return (value, mets), grads
 
     def train_step(state, aux, batch):
-        key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+        key = step_key(aux.get("seed", config.seed), state["step"])  # the trainer passes the seed at run time
         if groups > 1:
             (loss, out), grads = accumulated(state["params"], aux, batch, key)
         else:
