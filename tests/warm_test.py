@@ -99,9 +99,18 @@ def test_exit_statuses_of_commands_that_end_at_once_are_never_lost(probe, tmp_pa
 
     cmd, env = probe
 
+    def ended(pid: int) -> bool:  # gone, or a zombie its parent (the server) has not reaped yet
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+
     def one(_):
         p = warm.popen([*cmd, "quick"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while not ended(p.pid) and time.monotonic() < deadline:  # a sleep alone lost this race under load
+            time.sleep(0.01)
+        time.sleep(0.05)
         p.kill()  # it has ended: nothing happens
         return p.poll() if p.poll() is not None else p.wait(timeout=30)
 
