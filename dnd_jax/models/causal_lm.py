@@ -222,7 +222,14 @@ def load_causal_lm(name_or_dir: str | Path, dtype=jnp.float32):
       (CausalLM, its right-padding tokenizer, DecoderConfig).
     """
     from dnd_jax.assets import resolve_model  # the loaders live a floor up (they import models/)
-    from dnd_jax.extractors import abstract_module, check_filled, decoder_state_dict, fill_decoder_lm, load_tokenizer
+    from dnd_jax.extractors import (
+        _fill,
+        abstract_module,
+        check_filled,
+        decoder_state_dict,
+        fill_decoder_lm,
+        load_tokenizer,
+    )
 
     path = Path(resolve_model(str(name_or_dir)))
     cfg_path = path / "config.json"
@@ -241,8 +248,8 @@ def load_causal_lm(name_or_dir: str | Path, dtype=jnp.float32):
             raise DndError(f"{path}: weight {key!r} {found}, expected {list(shape)} (tie_word_embeddings {tie})")
         return np.asarray(sd[key], np.float32)
 
-    model.norm.weight.set_value(jnp.asarray(take("norm.weight", (cfg.hidden_size,))))
+    _fill(model.norm, "norm", take)
     if not tie:
-        model.lm_head.kernel.set_value(jnp.asarray(take("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)).T))
+        _fill(model.lm_head, "lm_head", take)
     check_filled(model, path)
     return model, load_tokenizer(path, right_pad=True), cfg
