@@ -261,3 +261,40 @@ def test_bigbench_sdist_is_found_through_pips_own_index_settings(tmp_path, monke
     (page / "index.html").write_text("<html></html>")
     with pytest.raises(DndError, match=r"cannot find bigbench-1\.0\.0\.tar\.gz on pip.s configured indexes"):
         bigbench.sdist_url(settings)
+
+
+def test_bigbench_from_a_local_copy_checkout_or_tarball_the_same_tasks(tmp_path, monkeypatch):
+    """$DND_JAX_BIGBENCH (the registry no longer serves the sdist): a checkout and a tar.gz of it give the same
+    parsed tasks and the same data directory; a wrong path or a missing task is one line."""
+    import tarfile
+
+    from dnd_jax.data import bigbench
+    from tests.bigbench_fixture import write_bigbench
+
+    tree = write_bigbench(tmp_path / "BIG-bench")
+    tgz = tmp_path / "copy.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tar:  # laid out as the sdist: one top folder, then bigbench/benchmark_tasks
+        tar.add(tree / "bigbench", arcname="bigbench-1.0.0/bigbench")
+    tasks = ["navigate", "tense"]
+    got = {}
+    for name, path in (("tree", tree), ("tree_tasks", tree / "bigbench" / "benchmark_tasks"), ("tgz", tgz)):
+        monkeypatch.setenv(bigbench.SOURCE_ENV, str(path))
+        assert bigbench.source() == path
+        got[name] = bigbench.read_tasks(bigbench.source(), tasks)
+        out = bigbench.build(tmp_path / f"data_{name}", tasks, test_size=20, seed=3)
+        assert json.loads((out / "tense_test.json").read_text())[0]["format"] == "generative"
+    assert got["tree"] == got["tree_tasks"] == got["tgz"]
+    assert got["tree"]["navigate"]["examples"][0]["target_scores"] in ({"True": 1, "False": 0},
+                                                                        {"True": 0, "False": 1})  # fmt: skip
+    for split in ("train", "test"):
+        assert (tmp_path / "data_tree" / f"navigate_{split}.json").read_text() == (
+            tmp_path / "data_tgz" / f"navigate_{split}.json").read_text()  # fmt: skip
+    monkeypatch.setenv(bigbench.SOURCE_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(DndError, match=r"^DND_JAX_BIGBENCH=.*nowhere: no such file or directory"):
+        bigbench.source()
+    for path in (tree, tgz):
+        with pytest.raises(DndError, match=r"no BIG-bench task social_iqa$"):
+            bigbench.read_tasks(path, ["navigate", "social_iqa"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DndError, match=r"no bigbench/benchmark_tasks/ folder"):
+        bigbench.read_tasks(tmp_path / "empty", ["navigate"])

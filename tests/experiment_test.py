@@ -15,6 +15,7 @@ from dnd_jax.errors import DndError
 from dnd_jax.experiments import folds as folds_mod
 from dnd_jax.experiments import leaks, stats
 from tests import warm
+from tests.bigbench_fixture import write_bigbench
 from tests.pipeline_test import write_suite
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
     cmd = [sys.executable, "-m", "dnd_jax.experiment", "--config", str(REPO / "configs/mixed_task_smollm2.py:smoke"),
            f"--workdir={work}", f"--config.experiment.commonsense_dir={data}",
            "--config.experiment.commonsense_tasks=('t1','t2','t3','held')",
-           # one sdist task of each format (the smoke's object_counting is a second generative one: left out here)
+           # one BIG-bench task of each format (the smoke's object_counting is a second generative one: left out)
            "--config.experiment.bigbench_tasks=('navigate','tense')",
            "--config.experiment.families=('navigate=navigate','tense=tense','t1=a','t2=a','t3=b','held=b')",
            # 2 scored items per task (the first is the planted one), exact match on 1: scoring is most of the run
@@ -50,6 +51,7 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
            ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(REPO)
+    env["DND_JAX_BIGBENCH"] = str(write_bigbench(tmp_path / "bigbench"))  # a local BIG-bench (synthetic tasks)
     first = warm.run([*cmd, "--until=train"], env=env, capture_output=True, text=True)  # a stop mid-way
     assert first.returncode == 0, first.stderr[-3000:]
     assert not (work / "report.md").exists()

@@ -1,14 +1,17 @@
 """The mixed-format task pool (configs/mixed_task_smollm2.py) and BIG-bench's conversion of generative tasks.
 
 The config and conversion tests run everywhere (toy task.json files, a toy sdist in a temporary cache). The
-tests on the real pool read the BIG-bench sdist once (one pass, about 5 s) and skip when it is not cached
-($DND_JAX_CACHE or ~/.cache/dnd_jax/bigbench-1.0.0.tar.gz; `configs/demo.py` downloads it): every task of
-the config must be a member of it, and the 10 smallest tasks of each format are built and checked.
+tests on the real pool read a local BIG-bench once (one pass, about 5 s) and skip without one ($DND_JAX_BIGBENCH,
+a copy of the sdist or a checkout; or the sdist cached at $DND_JAX_CACHE/bigbench-1.0.0.tar.gz: the registry no
+longer serves it): every task of the config must be in it, and the 10 smallest tasks of each format are built
+and checked.
 """
 
 import io
 import json
+import os
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +24,30 @@ from dnd_jax.experiments import folds, leaks
 ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks"
 GENERATIVE = {t for t, _ in (*pool.NATURAL_INSTRUCTIONS_TASKS, *pool.GENERATIVE_TASKS)}
 SDIST = cache_dir() / bigbench.SDIST
-needs_sdist = pytest.mark.skipif(not SDIST.is_file(), reason=f"BIG-bench sdist not cached at {SDIST}")
+REAL = Path(os.environ.get(bigbench.SOURCE_ENV) or SDIST)  # a local BIG-bench, as `bigbench.source` finds it
+needs_sdist = pytest.mark.skipif(not REAL.exists(), reason=f"no local BIG-bench (set {bigbench.SOURCE_ENV}, or "
+                                 f"cache the sdist at {SDIST})")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _toy_sources_only(monkeypatch):
+    """The toy sdists below are read through $DND_JAX_CACHE: a user's $DND_JAX_BIGBENCH must not shadow them."""
+    monkeypatch.delenv(bigbench.SOURCE_ENV, raising=False)
+
+
+def real_members() -> dict[str, tuple[int, object]]:
+    """{member path as in the sdist: (size, () -> its bytes)} of every task.json of the local BIG-bench."""
+    if REAL.is_dir():
+        root = bigbench._tasks_root(REAL)
+        return {f"{ROOT}/{f.parent.relative_to(root)}/task.json": (f.stat().st_size, f.read_bytes)
+                for f in root.rglob("task.json")}  # fmt: skip
+    out = {}
+    with tarfile.open(REAL, "r:gz") as tar:
+        for m in tar:
+            if m.name.endswith("/task.json"):
+                data = tar.extractfile(m).read() if m.size < 400_000 else b""
+                out[f"{ROOT}/{m.name.split('/benchmark_tasks/', 1)[-1]}"] = (m.size, lambda d=data: d)
+    return out
 
 
 def write_sdist(path, tasks: dict[str, bytes | dict]) -> None:
@@ -197,13 +223,9 @@ def sample(tmp_path_factory):
     """(task.json members of the real sdist, a data directory of the 10 smallest pool tasks of each format)."""
     tasks = [t for t, _ in pool.BIGBENCH_TASKS]
     paths = {f"{ROOT}/{t}/task.json": t for t in tasks}
-    members, small = set(), {}
-    with tarfile.open(SDIST, "r:gz") as tar:
-        for m in tar:
-            if m.name.endswith("/task.json"):
-                members.add(m.name)
-                if m.name in paths and m.size < 400_000:
-                    small[paths[m.name]] = (m.size, tar.extractfile(m).read())
+    found = real_members()
+    members = set(found)
+    small = {paths[m]: (size, read()) for m, (size, read) in found.items() if m in paths and size < 400_000}
     picked = {}
     for generative in (False, True):
         fmt = sorted((size, t) for t, (size, _) in small.items() if (t in GENERATIVE) == generative)

@@ -1,10 +1,15 @@
 """BIG-bench tasks from the `bigbench==1.0.0` sdist on PyPI, in the project's dataset format.
 
-The sdist (358 MB, Apache-2.0) is fetched once from the package registry, through pip's own configured
-indexes, certificate and proxy (`pip config list`: a mirror or proxy set up for pip serves it too), into the cache
-($DND_JAX_CACHE, default ~/.cache/dnd_jax), checked against its published sha256, and only the
-needed `benchmark_tasks/<task>/task.json` members are read (`<task>/<subtask>/task.json` for subtasks, named
-"task/subtask"). It is never pip-installed (it pulls TensorFlow). Each task becomes `<name>_train.json` /
+Where the task files come from (`source`), first match wins:
+  1. $DND_JAX_BIGBENCH: a copy of the sdist (or any tar.gz of the BIG-bench repository), or a directory
+     holding `bigbench/benchmark_tasks/` (a checkout of the repository) or the `benchmark_tasks/` folder itself;
+  2. the sdist in the cache ($DND_JAX_CACHE, default ~/.cache/dnd_jax);
+  3. the sdist (358 MB, Apache-2.0) downloaded once through pip's own configured indexes, certificate and proxy
+     (`pip config list`: a mirror or proxy set up for pip serves it too), checked against its published sha256.
+     Since 2026-12 the registry no longer serves bigbench 1.0.0's file (its page lists 0.0.1 only, which holds no
+     tasks): without 1. or 2. every BIG-bench config stops with one line saying so.
+Only the needed `benchmark_tasks/<task>/task.json` files are read (`<task>/<subtask>/task.json` for subtasks,
+named "task/subtask"). It is never pip-installed (it pulls TensorFlow). Each task becomes `<name>_train.json` /
 `<name>_test.json` (a seeded split: BIG-bench gives none), registered in `dataset_info.json`, in one of two
 formats (`task_format`):
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 import tarfile
@@ -41,6 +47,8 @@ from dnd_jax.errors import DndError
 from dnd_jax.fileio import atomic_dir
 
 SDIST = "bigbench-1.0.0.tar.gz"
+# A local copy of BIG-bench (sdist, repository tarball or checkout), used before the cache and the registry.
+SOURCE_ENV = "DND_JAX_BIGBENCH"
 SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 LETTERS = "ABCDEFGH"
 SYSTEM = ("You are going to answer the question of the user by picking one answer among the given choices. "
@@ -113,7 +121,30 @@ def sdist_url(settings: dict[str, str]) -> str:
         if SDIST in urls:
             return urldefrag(urljoin(page, urls[SDIST]))[0]  # the #sha256= fragment: checked here anyway
         tried.append(f"{page} (no {SDIST})")
-    raise DndError(f"cannot find {SDIST} on pip's configured indexes: " + "; ".join(tried))
+    raise DndError(
+        f"cannot find {SDIST} on pip's configured indexes: "
+        + "; ".join(tried)
+        + f"; set {SOURCE_ENV} to a local copy of BIG-bench (the sdist, or a checkout of its repository)"
+    )
+
+
+def source() -> Path:
+    """Where the BIG-bench tasks are read from: $DND_JAX_BIGBENCH if set, else the cached (or downloaded) sdist."""
+    local = os.environ.get(SOURCE_ENV, "")
+    if not local:
+        return fetch_sdist()
+    path = Path(local).expanduser()
+    if not (path.is_dir() or path.is_file()):
+        raise DndError(f"{SOURCE_ENV}={local}: no such file or directory (a BIG-bench sdist or checkout)")
+    return path
+
+
+def _tasks_root(path: Path) -> Path:
+    """The `benchmark_tasks` folder of a BIG-bench checkout at `path` (or `path` itself when it is that folder)."""
+    for root in (path / "bigbench" / "benchmark_tasks", path / "benchmark_tasks", path):
+        if root.is_dir() and (root.name == "benchmark_tasks" or any(root.glob("*/task.json"))):
+            return root
+    raise DndError(f"{path}: no bigbench/benchmark_tasks/ folder (expected a BIG-bench checkout or sdist)")
 
 
 def fetch_sdist() -> Path:
@@ -147,7 +178,21 @@ def fetch_sdist() -> Path:
 
 
 def read_tasks(sdist: Path, tasks: list[str]) -> dict[str, dict]:
-    """{task: parsed task.json} for the named tasks (e.g. "social_iqa", "goal_step_wikihow/step_inference")."""
+    """{task: parsed task.json} for the named tasks (e.g. "social_iqa", "goal_step_wikihow/step_inference"), from
+    the sdist (a tar.gz) or a checkout (a directory, `_tasks_root`)."""
+    if sdist.is_dir():
+        root, out = _tasks_root(sdist), {}
+        for t in tasks:
+            f = root / t / "task.json"
+            if f.is_file():
+                try:
+                    out[t] = json.loads(f.read_text())
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise DndError(f"{f}: unreadable task file ({e})") from None
+        missing = sorted(set(tasks) - set(out))
+        if missing:
+            raise DndError(f"{root}: no BIG-bench task {', '.join(missing)}")
+        return out
     want = {f"bigbench/benchmark_tasks/{t}/task.json": t for t in tasks}
     out = {}
     try:
@@ -314,7 +359,7 @@ def build(out_dir: str | Path, tasks: list[str], test_size: int, seed: int = 0, 
         have = {**json.loads(marker.read_text()), **{f"{task_name(t)}_train": 1 for t in skipped(out_dir)}}
         if all(f"{task_name(t)}_train" in have for t in tasks):
             return out_dir
-    parsed = read_tasks(fetch_sdist(), tasks)
+    parsed = read_tasks(source(), tasks)
     with atomic_dir(out_dir, overwrite=True) as tmp:
         info, left_out = {}, {}
         cols = {"prompt": "prompt", "response": "response", "system": "system"}
