@@ -1,6 +1,6 @@
 """Evaluation speed: dnd_jax.evaluate's scoring against the plain way, same model, data and run.
 
-  PYTHONPATH=. python benchmarks/evaluate_bench.py --data runs/demo/data --dataset social_iqa [--limit 100]
+  PYTHONPATH=. python benchmarks/evaluate_bench.py --data ../shared/data/commonsense --dataset SIQA [--limit 100]
 
 Plain way (what dnd_jax.evaluate did before, and what most harnesses do):
   ll   one right-padded sequence per (question, option): the question is re-read for every option;
@@ -70,7 +70,7 @@ def timed(fn):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2-135m-instruct")
-    ap.add_argument("--data", required=True, help="data dir with dataset_info.json (e.g. runs/demo/data)")
+    ap.add_argument("--data", required=True, help="data dir with dataset_info.json (e.g. ../shared/data/commonsense)")
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
