@@ -298,3 +298,8 @@ def test_bigbench_from_a_local_copy_checkout_or_tarball_the_same_tasks(tmp_path,
     (tmp_path / "empty").mkdir()
     with pytest.raises(DndError, match=r"no bigbench/benchmark_tasks/ folder"):
         bigbench.read_tasks(tmp_path / "empty", ["navigate"])
+    (tree / "bigbench" / "benchmark_tasks" / "tense" / "task.json").write_text('{"examples": [')  # cut short
+    (tmp_path / "cut.tar.gz").write_bytes(tgz.read_bytes()[:2000])
+    for path in (tree, tmp_path / "cut.tar.gz"):
+        with pytest.raises(DndError, match=r"unreadable BIG-bench copy .*; replace or delete it$"):
+            bigbench.read_tasks(path, tasks)

@@ -1,17 +1,13 @@
 """BIG-bench tasks from the `bigbench==1.0.0` sdist on PyPI, in the project's dataset format.
 
-Where the task files come from (`source`), first match wins:
-  1. $DND_JAX_BIGBENCH: a copy of the sdist (or any tar.gz of the BIG-bench repository), or a directory
-     holding `bigbench/benchmark_tasks/` (a checkout of the repository) or the `benchmark_tasks/` folder itself;
-  2. the sdist in the cache ($DND_JAX_CACHE, default ~/.cache/dnd_jax);
-  3. the sdist (358 MB, Apache-2.0) downloaded once through pip's own configured indexes, certificate and proxy
-     (`pip config list`: a mirror or proxy set up for pip serves it too), checked against its published sha256.
-     Since 2026-12 the registry no longer serves bigbench 1.0.0's file (its page lists 0.0.1 only, which holds no
-     tasks): without 1. or 2. every BIG-bench config stops with one line saying so.
-Only the needed `benchmark_tasks/<task>/task.json` files are read (`<task>/<subtask>/task.json` for subtasks,
-named "task/subtask"). It is never pip-installed (it pulls TensorFlow). Each task becomes `<name>_train.json` /
-`<name>_test.json` (a seeded split: BIG-bench gives none), registered in `dataset_info.json`, in one of two
-formats (`task_format`):
+Tasks are read (`source`) from $DND_JAX_BIGBENCH (a copy of the sdist, any tar.gz of the repository, or a
+checkout), else from the sdist cached in $DND_JAX_CACHE (default ~/.cache/dnd_jax), else from the sdist (358 MB,
+Apache-2.0) downloaded through pip's own indexes, certificate and proxy and sha256-checked. Since 2026-12 the
+registry no longer serves its file (the page lists 0.0.1 only, which holds no tasks): without a local copy every
+BIG-bench config stops with one line. Only the needed `benchmark_tasks/<task>/task.json` files are read
+(`<task>/<subtask>/task.json` for subtasks, named "task/subtask"); it is never pip-installed (it pulls
+TensorFlow). Each task becomes `<name>_train.json` / `<name>_test.json` (a seeded split: BIG-bench gives none),
+registered in `dataset_info.json`, in one of two formats (`task_format`):
 
   multiple_choice  examples with `target_scores`: records {"prompt", "response", "system", "choices", "answer"}
                    like the common-sense suite: lettered options, response "[C]", the shared SYSTEM prompt that
@@ -180,34 +176,24 @@ def fetch_sdist() -> Path:
 def read_tasks(sdist: Path, tasks: list[str]) -> dict[str, dict]:
     """{task: parsed task.json} for the named tasks (e.g. "social_iqa", "goal_step_wikihow/step_inference"), from
     the sdist (a tar.gz) or a checkout (a directory, `_tasks_root`)."""
-    if sdist.is_dir():
-        root, out = _tasks_root(sdist), {}
-        for t in tasks:
-            f = root / t / "task.json"
-            if f.is_file():
-                try:
-                    out[t] = json.loads(f.read_text())
-                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise DndError(f"{f}: unreadable task file ({e})") from None
-        missing = sorted(set(tasks) - set(out))
-        if missing:
-            raise DndError(f"{root}: no BIG-bench task {', '.join(missing)}")
-        return out
-    want = {f"bigbench/benchmark_tasks/{t}/task.json": t for t in tasks}
-    out = {}
+    where, out = _tasks_root(sdist) if sdist.is_dir() else sdist, {}
     try:
-        with tarfile.open(sdist, "r:gz") as tar:
-            for m in tar:
-                key = m.name.split("/", 1)[-1]
-                if key in want:
-                    out[want[key]] = json.loads(tar.extractfile(m).read())
-                    if len(out) == len(want):
-                        break
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DndError(f"{sdist}: unreadable archive ({e}); delete it to download again") from None
+        if sdist.is_dir():
+            out = {t: json.loads((where / t / "task.json").read_bytes()) for t in tasks
+                   if (where / t / "task.json").is_file()}  # fmt: skip
+        else:
+            want = {f"bigbench/benchmark_tasks/{t}/task.json": t for t in tasks}
+            with tarfile.open(sdist, "r:gz") as tar:
+                for m in tar:
+                    if (key := m.name.split("/", 1)[-1]) in want:
+                        out[want[key]] = json.loads(tar.extractfile(m).read())
+                        if len(out) == len(want):
+                            break
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise DndError(f"{where}: unreadable BIG-bench copy ({e}); replace or delete it") from None
     missing = sorted(set(tasks) - set(out))
     if missing:
-        raise DndError(f"{sdist}: no BIG-bench task {', '.join(missing)}")
+        raise DndError(f"{where}: no BIG-bench task {', '.join(missing)}")
     return out
 
 
