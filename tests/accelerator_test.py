@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from flax import nnx
 from benchmarks import accelerator
 from dnd_jax.models.encoder import BertConfig, BertEncoder
 from dnd_jax.models.hyperconv import GeneratorConfig, HyperConvDecoder, layer_flops
+from tests import warm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,8 +26,10 @@ def test_small_run_prints_every_figure_as_json(tmp_path):
     out = tmp_path / "figures.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user's machine
     env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--small", "--out", str(out)], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    # `python -m benchmarks.accelerator` runs the script as `python benchmarks/accelerator.py` does (its __main__),
+    # started warm (tests/warm.py)
+    r = warm.run([sys.executable, "-m", "benchmarks.accelerator", "--small", "--out", str(out)], cwd=REPO, env=env,
+                 capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     printed = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
     written = [json.loads(ln) for ln in out.read_text().splitlines()]
