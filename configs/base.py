@@ -233,7 +233,7 @@ def add_pipeline(c: ml_collections.ConfigDict, collect: ml_collections.ConfigDic
     c.pipeline = ml_collections.ConfigDict()
     # The config file, for the report.
     c.pipeline.config_name = config_name
-    # "dir": data.prompts_dir as it is; "bigbench": build it from the BIG-bench sdist on PyPI.
+    # "dir": data.prompts_dir as it is; "bigbench": build it from BIG-bench ($DND_JAX_BIGBENCH).
     c.pipeline.source = "dir"
     # BIG-bench tasks (source "bigbench"), test items per task, and a cap on training items.
     c.pipeline.bigbench_tasks = ()

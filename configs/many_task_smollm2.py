@@ -4,7 +4,7 @@
   python -m dnd_jax.experiment --config configs/many_task_smollm2.py:smoke --workdir /tmp/mt_smoke
 
 41 English multiple-choice BIG-bench tasks (one variant per task family, no images-as-text, no
-non-English tasks; from the sdist that configs/demo.py downloads) plus the seven common-sense sets of
+non-English tasks; from a local BIG-bench, $DND_JAX_BIGBENCH, or the cached sdist) plus the seven common-sense sets of
 `experiment.commonsense_dir` when that directory exists. One LoRA recipe collects every task (one
 shared LoRA init). K folds over tasks: each fold's generator is trained on the other folds' tasks and
 writes adapters for its held-out tasks from their unlabeled test prompts. Every held-out task is

@@ -25,7 +25,7 @@ The secondary protocols ("ll", "gen") read multiple-choice options, so only the 
 (the mean NLL per gold-response token, defined for both formats); generative records carry every
 acceptable target in "answers" for exact-match scoring.
 
-`:smoke` is the same experiment on 6 tasks (two of them generative, from the sdist), 2 folds, a few steps.
+`:smoke` is the same experiment on 6 tasks (two of them generative, from BIG-bench), 2 folds, a few steps.
 """
 
 from configs import many_task_smollm2
@@ -148,7 +148,7 @@ def get_config(arg=None):
     c = many_task_smollm2.get_config("smoke" if smoke else "sft" if "sft" in parts else None)
     c.pipeline.config_name = "configs/mixed_task_smollm2.py"
     bigbench, commonsense = (SMOKE_BIGBENCH, SMOKE_COMMONSENSE) if smoke else (BIGBENCH_TASKS, COMMONSENSE_TASKS)
-    # BIG-bench tasks of both formats (from the PyPI sdist) and their families.
+    # BIG-bench tasks of both formats ($DND_JAX_BIGBENCH) and their families.
     c.experiment.bigbench_tasks = tuple(t for t, _ in bigbench)
     # Common-sense sets read in place from experiment.commonsense_dir when it exists (skipped otherwise).
     c.experiment.commonsense_tasks = tuple(t for t, _ in commonsense)

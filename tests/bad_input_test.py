@@ -174,6 +174,10 @@ CASES = [
     Case("config argument typo", lambda r: _train(r, config="configs/arc_c.py:smok"), ("smok",)),
     Case("{workdir} outside the pipeline", lambda r: _train(r, config="configs/demo.py:smoke"),
          ("{workdir}", "dnd_jax.pipeline")),
+    Case("pipeline prompt datasets missing", lambda r: [PY, "-m", "dnd_jax.pipeline", "--config",
+                                                         str(REPO / "configs/demo.py:smoke"), f"--workdir={r / 'demo'}",
+                                                         f"--config.data.prompts_dir={r / 'nowhere'}"],
+         ("nowhere: no dataset_info.json", "../shared/data/commonsense")),
     Case("workdir of another config", lambda r: (_other_config_workdir(r), _train(r, **{"train.steps": 3}))[1],
          ("work", "different config")),
     # ---- collections: corrupt, truncated, mixed, foreign, non-finite

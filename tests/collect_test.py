@@ -284,6 +284,10 @@ def test_bigbench_from_a_local_copy_checkout_or_tarball_the_same_tasks(tmp_path,
         out = bigbench.build(tmp_path / f"data_{name}", tasks, test_size=20, seed=3)
         assert json.loads((out / "tense_test.json").read_text())[0]["format"] == "generative"
     assert got["tree"] == got["tree_tasks"] == got["tgz"]
+    for i, top in enumerate(("bigbench", "./BIG-bench/bigbench")):  # `git archive` (no top folder), `tar c ./dir`
+        with tarfile.open(tmp_path / f"layout{i}.tar.gz", "w:gz") as tar:
+            tar.add(tree / "bigbench", arcname=top)
+        assert bigbench.read_tasks(tmp_path / f"layout{i}.tar.gz", tasks) == got["tree"]
     assert got["tree"]["navigate"]["examples"][0]["target_scores"] in ({"True": 1, "False": 0},
                                                                         {"True": 0, "False": 1})  # fmt: skip
     for split in ("train", "test"):
@@ -299,7 +303,12 @@ def test_bigbench_from_a_local_copy_checkout_or_tarball_the_same_tasks(tmp_path,
     with pytest.raises(DndError, match=r"no bigbench/benchmark_tasks/ folder"):
         bigbench.read_tasks(tmp_path / "empty", ["navigate"])
     (tree / "bigbench" / "benchmark_tasks" / "tense" / "task.json").write_text('{"examples": [')  # cut short
-    (tmp_path / "cut.tar.gz").write_bytes(tgz.read_bytes()[:2000])
-    for path in (tree, tmp_path / "cut.tar.gz"):
+    raw = tgz.read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(raw[:2000])
+    bad = [tree, tmp_path / "cut.tar.gz"]
+    for pos in range(100, len(raw) - 100, 250):  # damaged compressed data: zlib, CRC and tar header errors
+        bad.append(tmp_path / f"bad{pos}.tar.gz")
+        bad[-1].write_bytes(raw[:pos] + b"\xff" * 32 + raw[pos + 32 :])
+    for path in bad:
         with pytest.raises(DndError, match=r"unreadable BIG-bench copy .*; replace or delete it$"):
-            bigbench.read_tasks(path, tasks)
+            bigbench.read_tasks(path, [*tasks, "object_counting"])

@@ -235,6 +235,7 @@ def sample(tmp_path_factory):
     write_sdist(tmp / "cache" / bigbench.SDIST, picked)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DND_JAX_CACHE", str(tmp / "cache"))
+        mp.delenv(bigbench.SOURCE_ENV, raising=False)  # the sample sdist, not the local copy it was taken from
         c = pool.get_config()
         e = c.experiment
         bigbench.build(tmp / "data", sorted(picked), e.test_size, c.seed, e.max_train, e.max_choices)

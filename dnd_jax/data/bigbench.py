@@ -1,4 +1,4 @@
-"""BIG-bench tasks from the `bigbench==1.0.0` sdist on PyPI, in the project's dataset format.
+"""BIG-bench tasks (the `bigbench==1.0.0` sdist, or a local copy of it) in the project's dataset format.
 
 Tasks are read (`source`) from $DND_JAX_BIGBENCH (a copy of the sdist, any tar.gz of the repository, or a
 checkout), else from the sdist cached in $DND_JAX_CACHE (default ~/.cache/dnd_jax), else from the sdist (358 MB,
@@ -34,6 +34,7 @@ import re
 import sys
 import tarfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +166,9 @@ def fetch_sdist() -> Path:
             bar.close()
     except OSError as e:
         part.unlink(missing_ok=True)
-        raise DndError(f"cannot download {SDIST} from the package registry ({e})") from None
+        raise DndError(
+            f"cannot download {SDIST} from the package registry ({e}); set {SOURCE_ENV} to a local copy"
+        ) from None
     if h.hexdigest() != SHA256:
         part.unlink(missing_ok=True)
         raise DndError(f"{SDIST}: sha256 {h.hexdigest()} differs from the published {SHA256}")
@@ -182,14 +185,15 @@ def read_tasks(sdist: Path, tasks: list[str]) -> dict[str, dict]:
             out = {t: json.loads((where / t / "task.json").read_bytes()) for t in tasks
                    if (where / t / "task.json").is_file()}  # fmt: skip
         else:
-            want = {f"bigbench/benchmark_tasks/{t}/task.json": t for t in tasks}
+            want = {f"{t}/task.json": t for t in tasks}  # below bigbench/benchmark_tasks/, at any depth
             with tarfile.open(sdist, "r:gz") as tar:
                 for m in tar:
-                    if (key := m.name.split("/", 1)[-1]) in want:
-                        out[want[key]] = json.loads(tar.extractfile(m).read())
+                    key = ("/" + m.name.removeprefix("./")).partition("/bigbench/benchmark_tasks/")[2]
+                    if key in want and (f := tar.extractfile(m)) is not None:
+                        out[want[key]] = json.loads(f.read())
                         if len(out) == len(want):
                             break
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
         raise DndError(f"{where}: unreadable BIG-bench copy ({e}); replace or delete it") from None
     missing = sorted(set(tasks) - set(out))
     if missing:

@@ -1,4 +1,4 @@
-"""The many-task experiment's data: BIG-bench tasks from the PyPI sdist and common-sense sets read in place."""
+"""The many-task experiment's data: BIG-bench tasks ($DND_JAX_BIGBENCH) and common-sense sets read in place."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 
 Does a generated adapter beat what a prompt-blind method gets from the same training LoRAs? Stages
 (each skips finished work, so a re-run after a kill resumes):
-  data      BIG-bench tasks from the PyPI sdist + the common-sense sets linked in place
+  data      BIG-bench tasks ($DND_JAX_BIGBENCH) + the common-sense sets linked in place
                                                               -> WORKDIR/data/dataset_info.json
   collect   one LoRA recipe, every task, one shared init     -> WORKDIR/collect/<task>/step-*/
   tokens    every task's checkpoints tokenized once           -> WORKDIR/tokens/<task>/

@@ -4,7 +4,7 @@
   python -m dnd_jax.pipeline --config configs/commonsense_smollm2.py --workdir runs/commonsense_smollm2
 
 Stages (each skips work whose outputs exist, so a re-run resumes):
-  data      BIG-bench tasks from the PyPI sdist (configs with pipeline.source "bigbench"), or the
+  data      BIG-bench tasks ($DND_JAX_BIGBENCH; configs with pipeline.source "bigbench"), or the
             configured prompt data directory as it is
   collect   LoRA checkpoints (PyTorch + PEFT) for each training dataset and, as a baseline only,
             for the held-out one                                   -> <collection_dir>/<dataset>/
@@ -46,9 +46,12 @@ def run_pipeline(config, workdir: str | Path) -> Path:
     """Runs or resumes every stage; returns the report path."""
 
     workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     c = resolve(config, workdir)
     d = c.data
+    if c.pipeline.source != "bigbench" and not (Path(d.prompts_dir) / "dataset_info.json").is_file():
+        raise DndError(f"{d.prompts_dir}: no dataset_info.json (data.prompts_dir, the prompt datasets; configs/demo.py "
+                       "reads the paper's common-sense suite at ../shared/data/commonsense)")  # fmt: skip
+    workdir.mkdir(parents=True, exist_ok=True)
     stages = Stages(workdir)
     t_all = time.perf_counter()
 
