@@ -44,9 +44,9 @@ def real_members() -> dict[str, tuple[int, object]]:
     out = {}
     with tarfile.open(REAL, "r:gz") as tar:
         for m in tar:
-            if m.name.endswith("/task.json"):
+            if (key := bigbench.member_key(m.name)).endswith("/task.json"):
                 data = tar.extractfile(m).read() if m.size < 400_000 else b""
-                out[f"{ROOT}/{m.name.split('/benchmark_tasks/', 1)[-1]}"] = (m.size, lambda d=data: d)
+                out[f"{ROOT}/{key}"] = (m.size, lambda d=data: d)
     return out
 
 

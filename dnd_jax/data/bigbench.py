@@ -2,12 +2,11 @@
 
 Tasks are read (`source`) from $DND_JAX_BIGBENCH (a copy of the sdist, any tar.gz of the repository, or a
 checkout), else from the sdist cached in $DND_JAX_CACHE (default ~/.cache/dnd_jax), else from the sdist (358 MB,
-Apache-2.0) downloaded through pip's own indexes, certificate and proxy and sha256-checked. Since 2026-12 the
-registry no longer serves its file (the page lists 0.0.1 only, which holds no tasks): without a local copy every
-BIG-bench config stops with one line. Only the needed `benchmark_tasks/<task>/task.json` files are read
-(`<task>/<subtask>/task.json` for subtasks, named "task/subtask"); it is never pip-installed (it pulls
-TensorFlow). Each task becomes `<name>_train.json` / `<name>_test.json` (a seeded split: BIG-bench gives none),
-registered in `dataset_info.json`, in one of two formats (`task_format`):
+Apache-2.0) downloaded through pip's own indexes, certificate and proxy and sha256-checked: since 2026-12 the
+registry no longer serves it (0.0.1 only, no tasks). Only the needed `benchmark_tasks/<task>/task.json` files are
+read ("task/subtask" for subtasks); it is never pip-installed (it pulls TensorFlow). Each task becomes
+`<name>_train.json` / `<name>_test.json` (a seeded split: BIG-bench gives none), registered in `dataset_info.json`,
+in one of two formats (`task_format`):
 
   multiple_choice  examples with `target_scores`: records {"prompt", "response", "system", "choices", "answer"}
                    like the common-sense suite: lettered options, response "[C]", the shared SYSTEM prompt that
@@ -176,20 +175,23 @@ def fetch_sdist() -> Path:
     return path
 
 
+def member_key(name: str) -> str:
+    """A tar member's path below `bigbench/benchmark_tasks/` at any depth ("" when not there): `<task>/task.json`."""
+    return ("/" + name.removeprefix("./")).partition("/bigbench/benchmark_tasks/")[2]
+
+
 def read_tasks(sdist: Path, tasks: list[str]) -> dict[str, dict]:
-    """{task: parsed task.json} for the named tasks (e.g. "social_iqa", "goal_step_wikihow/step_inference"), from
-    the sdist (a tar.gz) or a checkout (a directory, `_tasks_root`)."""
+    """{task: parsed task.json} of the named tasks ("social_iqa", "a/b"), from a tar.gz or a checkout directory."""
     where, out = _tasks_root(sdist) if sdist.is_dir() else sdist, {}
     try:
         if sdist.is_dir():
             out = {t: json.loads((where / t / "task.json").read_bytes()) for t in tasks
                    if (where / t / "task.json").is_file()}  # fmt: skip
         else:
-            want = {f"{t}/task.json": t for t in tasks}  # below bigbench/benchmark_tasks/, at any depth
+            want = {f"{t}/task.json": t for t in tasks}
             with tarfile.open(sdist, "r:gz") as tar:
                 for m in tar:
-                    key = ("/" + m.name.removeprefix("./")).partition("/bigbench/benchmark_tasks/")[2]
-                    if key in want and (f := tar.extractfile(m)) is not None:
+                    if (key := member_key(m.name)) in want and (f := tar.extractfile(m)) is not None:
                         out[want[key]] = json.loads(f.read())
                         if len(out) == len(want):
                             break
