@@ -79,6 +79,7 @@ def write_family(root: Path) -> list[str]:
     return names
 
 
+@pytest.mark.optimized  # hundreds of training steps: compiled for speed (tests/conftest.py)
 def test_generator_learns_a_prompt_rule_that_transfers_to_held_out_tasks(tmp_path):
     names = write_family(tmp_path)
     held = [f"{c}_{a}" for c, a in HELD_OUT]

@@ -53,6 +53,7 @@ def heldout_nll(lm_dir: Path, prompts_dir: Path, task: str, lora: dict, scale) -
     return float(response_nll(lm, ex.ids, ex.mask, ex.labels, rows, scale))
 
 
+@pytest.mark.optimized  # 400 training steps: compiled for speed (tests/conftest.py)
 def test_sft_generator_uses_the_prompts_where_mt_lora_cannot(family, tmp_path):
     """Trained on 8 tasks, on the 4 held-out ones (a hint with a phrasing never seen with it) the generated adapter
     beats the multi-task LoRA trained with the same loss, steps and batches; another task's prompts hurt it."""
