@@ -56,8 +56,11 @@ def pytest_unconfigure(config):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer tests (run with -m slow)")
-    config.addinivalue_line("markers", "optimized: compiled with XLA's full CPU optimisations (tests that mostly run, "
-                                       "not compile: the other tests compile at backend optimisation level 0)")
+    config.addinivalue_line(
+        "markers",
+        "optimized: compiled with XLA's full CPU optimisations (tests that mostly run, "
+        "not compile: the other tests compile at backend optimisation level 0)",
+    )
     config.addinivalue_line(
         "markers",
         "needs_models: loads SmolLM2-135M-Instruct or all-MiniLM-L6-v2 from the installed model packages "

@@ -103,7 +103,8 @@ def test_generator_learns_a_prompt_rule_that_transfers_to_held_out_tasks(tmp_pat
                                  "train.checkpoint_every": 300, "train.log_every": 50,
                                  "model.features": ((4, 16, 384), (32, 10, 34), FEATURES[-1]),
                                  "train.noise_condition": 0.0, "train.noise_target": 0.0,
-                                 "encoder.train_dropout": False, "encoder.cache": True, "mesh.shape": (1, 1)})  # fmt: skip
+                                 "encoder.train_dropout": False, "encoder.cache": True,
+                                 "mesh.shape": (1, 1)})  # fmt: skip
     result = trainer.train_and_evaluate(c, tmp_path / "run", devices=jax.devices()[:1])
     params = result["state"]["params"]
     data = trainer.load_data(c)

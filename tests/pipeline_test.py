@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -79,10 +80,14 @@ def _stable(report: str, workdir: Path) -> str:
 def _kill_trials(cmd: list[str], env: dict, reference: Path, tmp_path: Path) -> None:
     """SIGKILL the same pipeline at 7 seeded random moments, spread over its stages (tests/kill_trials_test.py
     has the same for `train` and `collect` alone, so kills in and after a collection step are theirs); each
-    re-run resumes or skips each stage, and the last one ends with the reference run's results and report."""
+    re-run resumes or skips each stage, and the last one ends with the reference run's results and report.
+    The training sets' collections are the reference run's (complete): the chain collects the held-out set only,
+    so the collect stage starts half done, as after a kill between two datasets."""
     from tests.kill_trials_test import SEED, Moment, _adapters, kill_chain
 
     work = tmp_path / "killed"
+    for name in ("t1", "t2"):
+        shutil.copytree(reference / "collect" / name, work / "collect" / name)
     cmd = [a.replace(f"--workdir={reference}", f"--workdir={work}") for a in cmd]
     rng = np.random.default_rng(SEED + 2)
 
