@@ -8,8 +8,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one of `-n N` workers: one thread e
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_var] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA's CPU backend without LLVM's optimisations, in this process and in the commands the tests start: see _xla_effort.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# XLA's CPU backend without LLVM's optimisations, in this process and in the commands the tests start: see _xla_effort
+# (CPU runs only: with JAX_PLATFORMS=cuda, say, everything compiles as users' programs do).
+if os.environ["JAX_PLATFORMS"] == "cpu":
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # One persistent XLA compilation cache per test run for the commands the tests start (train, collect, experiment...):
 # they compile the same programs again and again (a fresh directory per run, so a run never reads another's
 # entries; removed when the run ends). The pytest workers use it only for slow compiles (below).
@@ -26,6 +28,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax
 import pytest
+
+CPU_ONLY = os.environ["JAX_PLATFORMS"] == "cpu"
 
 # The pytest workers share it for programs that took >= 1 s to compile: tests build the same train steps again and
 # again (each train_and_evaluate jits anew). Measured on 2 EPYC cores (trainer, causal_lm and encoder tests in one
@@ -85,6 +89,9 @@ def _xla_effort(request):
     learnability test 74 -> 107 s, the prompt-rule test 43 -> 72 s): these are marked `optimized` (and so are the
     commands they start). Results differ by rounding only, so a test that compares a training in this process with
     one in a command bit for bit has both compiled alike; the caches key programs by these options."""
+    if not CPU_ONLY:
+        yield
+        return
     fast = request.node.get_closest_marker("optimized") is None
     jax.config.update("jax_disable_most_optimizations", fast)
     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1" if fast else "0"
