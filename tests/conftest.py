@@ -84,11 +84,12 @@ def _xla_effort(request):
     """Most tests compile far more than they run (a few steps of a tiny generator, sharded and on one device): they,
     and the commands they start (JAX_DISABLE_MOST_OPTIMIZATIONS reaches them through the environment), compile with
     XLA's CPU backend at optimisation level 0 (jax_disable_most_optimizations), which cuts compile time by about
-    40 % (the SFT sharded-step test's two train steps: 12.0 -> 7.1 s on 2 EPYC cores; in-process compile time over
-    the suite 472 -> 341 s). Tests that train for hundreds of steps run 1.5-1.7x slower that way (the SFT
-    learnability test 74 -> 107 s, the prompt-rule test 43 -> 72 s): these are marked `optimized` (and so are the
-    commands they start). Results differ by rounding only, so a test that compares a training in this process with
-    one in a command bit for bit has both compiled alike; the caches key programs by these options."""
+    40 % (the SFT sharded-step test's two train steps: 12.0 -> 7.1 s on 2 EPYC cores; the pytest workers' compile
+    time over the suite 472 -> 272 s, 2026-12-06). Tests that train for hundreds of steps run 1.5-1.7x slower that
+    way (the SFT learnability test 74 -> 107 s, the prompt-rule test 43 -> 72 s): these are marked `optimized`
+    (and so are the commands they start). Results differ by rounding only, so a test that compares a training in
+    this process with one in a command bit for bit has both compiled alike; the caches key programs by these
+    options."""
     if not CPU_ONLY:
         yield
         return
