@@ -312,3 +312,42 @@ def test_bigbench_from_a_local_copy_checkout_or_tarball_the_same_tasks(tmp_path,
     for path in bad:
         with pytest.raises(DndError, match=r"unreadable BIG-bench copy .*; replace or delete it$"):
             bigbench.read_tasks(path, [*tasks, "object_counting"])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_response_loss_is_the_models_own_labels_loss_and_gradient(model_type):
+    """The collection's loss (the LM head over the predicted span only) against the model's own `labels=` loss, on a
+    right-padded batch whose rows' responses start and end at different positions (a small random model of each
+    architecture the collections use; Gemma's config soft-caps its logits)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from dnd_jax.collect import _collate, response_loss
+
+    small = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}  # fmt: skip
+    extra = {"final_logit_softcapping": 3.0} if model_type == "gemma3_text" else {}
+    cfg = transformers.AutoConfig.for_model(model_type, **small, **extra)
+    torch.manual_seed(0)
+    lm = transformers.AutoModelForCausalLM.from_config(cfg)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(lm, lora)
+    rng = np.random.default_rng(0)
+    batch = []
+    for prompt, response in ((9, 3), (4, 6), (14, 2)):  # (prompt, response) lengths: ragged, right-padded
+        ids = rng.integers(1, 97, prompt + response).tolist()
+        batch.append((ids, [-100] * prompt + ids[prompt:]))
+    ids, mask, labels = _collate(batch, 0, "cpu")
+    grads = []
+    for loss_fn in (lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                    lambda: response_loss(model, ids, mask, labels)):  # fmt: skip
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        grads.append((float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (want, want_g), (got, got_g) = grads
+    assert got == pytest.approx(want, rel=1e-6)
+    for a, b in zip(want_g, got_g, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    # Nothing to predict: the model's own loss (NaN), which the collection reports as a non-finite loss.
+    assert np.isnan(float(response_loss(model, ids, mask, torch.full_like(labels, -100))))

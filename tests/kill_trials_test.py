@@ -207,7 +207,9 @@ def test_collect_survives_kills_at_random_moments(tiny_lm, tmp_path):
     rng = np.random.default_rng(SEED + 1)
     targets = sorted(rng.choice(np.arange(7, 17), size=KILLS - 1, replace=False))
     during = set(rng.choice(targets, size=3, replace=False))
-    moments = [Moment(float(rng.uniform(0.1, 1.0)))]  # start-up: model, data (warm: tests/warm.py)
+    # start-up: model, data (warm: tests/warm.py); at the latest when the steps start (a tiny model's steps take
+    # ~40 ms: a fixed delay could land past the first checkpoints and the save moments below)
+    moments = [Moment(float(rng.uniform(0.1, 1.0)), sooner=("collect toy",))]
     moments += [Moment(0, f".step-{s:06d}.tmp-*", during=True, missed=f"step-{s:06d}") if s in during else
                 Moment(float(rng.uniform(0, 0.05)), f"step-{s:06d}") for s in targets]  # fmt: skip
     out = tmp_path / "killed"
