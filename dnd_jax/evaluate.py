@@ -25,6 +25,7 @@ adapter, their mean +- std) and OUT/results.png (bar chart).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from dnd_jax.errors import DndError, run_cli
+from dnd_jax.journal import Journal, content_key
 from dnd_jax.protocols.em import score_em
 from dnd_jax.protocols.gen import score_gen
 from dnd_jax.protocols.ll import check_records, score_ll
@@ -194,20 +196,36 @@ def evaluate(base: str, data_dir, dataset: str, adapters: list[tuple[str, str, P
         if kind not in KINDS:
             raise DndError(f"adapter {p}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
         check_adapter(Path(p), base_dir)
-    scorer = Scorer(base, device, batch_size, cutoff_len)
-    rows = [{"kind": "base", "name": "base", "path": str(base_dir), **scorer.score(None, records, protocols)}]
-    scored = {}  # an adapter listed twice (retrieval is also a training LoRA) is scored once
+    # Each scored row is journaled beside the output: a killed evaluation re-run with the same settings scores only
+    # what it had not finished (an adapter by its files' content; dnd_jax/journal.py).
+    items = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()  # the scored items themselves
+    settings = {"base": str(base_dir), "items": items,
+                "dataset": dataset, "split": split, "limit": limit, "protocols": list(protocols),
+                "batch_size": batch_size, "device": device, "cutoff_len": cutoff_len}  # fmt: skip
+    journal = Journal(out.parent / f".{out.name}.journal.jsonl", settings)
+    if journal.resumed:
+        print(f"{out}: {journal.resumed} row(s) scored before a stop are reused", file=sys.stderr)
+    scorer = None
+
+    def score(path: Path | None) -> dict:
+        nonlocal scorer
+        key = "base" if path is None else content_key(path)
+        if journal.get(key) is None:
+            if scorer is None:  # the model loads only when something is left to score
+                scorer = Scorer(base, device, batch_size, cutoff_len)
+            journal.put(key, scorer.score(path, records, protocols))
+        return journal.get(key)  # an adapter listed twice (retrieval is also a training LoRA) is scored once
+
+    rows = [{"kind": "base", "name": "base", "path": str(base_dir), **score(None)}]
     for kind, name, path in tqdm(adapters, desc="adapters", file=sys.stderr):
-        key = Path(path).resolve()
-        if key not in scored:
-            scored[key] = scorer.score(Path(path), records, protocols)
-        rows.append({"kind": kind, "name": name, "path": str(path), **json.loads(json.dumps(scored[key]))})
+        rows.append({"kind": kind, "name": name, "path": str(path), **score(Path(path))})
     result = {"base_model": str(base_dir), "dataset": dataset, "split": split, "items": len(records),
               "protocols": list(protocols), "rows": rows, "summary": summarize(rows, protocols)}  # fmt: skip
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "results.json").write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "results.md").write_text(markdown_table(result))
         plot(result, tmp / "results.png")
+    journal.discard()
     return result
 
 

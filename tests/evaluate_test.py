@@ -231,3 +231,66 @@ def test_evaluate_benchmark_runs_on_a_tiny_model(tmp_path):
     lines = {ln.split(":")[0]: ln for ln in r.stdout.splitlines()}
     assert {"CPU", "ll ", "gen", "swap"} <= set(lines), r.stdout
     assert float(lines["swap"].rsplit(" ", 1)[1]) == 0.0  # the same weights either way: the same scores
+
+
+@pytest.mark.needs_models  # the tiny Llama carries SmolLM2's tokenizer
+def test_a_stopped_evaluation_resumes_scoring_only_what_it_had_not_finished(tmp_path, monkeypatch):
+    """The evaluation journal (dnd_jax/journal.py): stopped mid-way, the re-run scores only the rows it had not
+    finished and writes the uninterrupted run's results; a line torn by a kill is redone; an adapter whose files
+    changed is scored afresh; other settings score every row afresh."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.lora_fixtures import write_tiny_llama
+
+    base = write_tiny_llama(tmp_path / "lm")
+    data = write_fixed_answer_dataset(tmp_path / "data", n=28)
+
+    def save_adapter(name, seed):
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(load_base(str(base))[0], lora).save_pretrained(tmp_path / name)
+        return ("generated", name, tmp_path / name)
+
+    adapters = [save_adapter(f"a{i}", i) for i in range(3)]
+    calls, stop_at = [], [0]
+    real_score = evaluate.Scorer.score
+
+    def score(self, path, records, protocols):
+        calls.append(path.name if path else "base")
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt  # a stop while scoring this row
+        return real_score(self, path, records, protocols)
+
+    monkeypatch.setattr(evaluate.Scorer, "score", score)
+
+    def run(out, stop=0, **kw):
+        calls.clear()
+        stop_at[0] = stop
+        return evaluate.evaluate(str(base), data, "fixed", adapters, out, limit=3, protocols=("nll",), batch_size=2,
+                                 overwrite=True, **kw)  # fmt: skip
+
+    want = run(tmp_path / "full")
+    assert calls == ["base", "a0", "a1", "a2"] and not list(tmp_path.glob(".full.journal*"))
+    out, journal = tmp_path / "eval", tmp_path / ".eval.journal.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run(out, stop=3)
+    assert not out.exists() and len(journal.read_text().splitlines()) == 3  # settings, base, a0
+    assert run(out) == want and calls == ["a1", "a2"] and not journal.exists()
+    # A torn last line (a kill mid-write) is dropped; the rows before it are kept.
+    with pytest.raises(KeyboardInterrupt):
+        run(out, stop=3)
+    with open(journal, "a") as f:
+        f.write('{"key": "01')
+    assert run(out) == want and calls == ["a1", "a2"]
+    # Other weights under the same path are scored again, the rest is reused.
+    with pytest.raises(KeyboardInterrupt):
+        run(out, stop=4)
+    save_adapter("a1", 7)
+    changed = run(out)
+    assert calls == ["a1", "a2"] and changed["rows"][2] != want["rows"][2]
+    assert changed["rows"][:2] == want["rows"][:2] and changed["rows"][3] == want["rows"][3]
+    # Other settings: every row again.
+    with pytest.raises(KeyboardInterrupt):
+        run(out, stop=3)
+    run(out, cutoff_len=64)
+    assert calls == ["base", "a0", "a1", "a2"]
