@@ -62,7 +62,8 @@ def test_sft_generator_uses_the_prompts_where_mt_lora_cannot(family, tmp_path):
     from dnd_jax.models.causal_lm import spec_scales
 
     tmp, _ = family
-    common = {"train.steps": 200, "train.learning_rate": 3e-3}
+    # each prompt encoded once (exact: no encoder dropout here): 77 -> 69 s alone on 2 EPYC cores, the same numbers
+    common = {"train.steps": 200, "train.learning_rate": 3e-3, "encoder.cache": True}
     gen_run = trainer.train_and_evaluate(config(family, **common, **{"train.objective": "sft"}), tmp_path / "sft")
     mt_run = trainer.train_and_evaluate(config(family, **common, **{"train.objective": "mt_lora"}), tmp_path / "mt")
     assert (tmp_path / "mt" / "adapter" / "adapter_config.json").is_file()

@@ -106,6 +106,34 @@ def test_encoder_cache_trains_like_encoding_every_step(exp, tmp_path):
     assert params_close(cached["state"]["params"], plain["state"]["params"]) < 1e-6
 
 
+def test_hidden_cache_encodes_each_prompt_once_and_fills_its_calls_with_undrawn_ones():
+    """encoder.cache's store against a plain NumPy encoder: every row of every call is a distinct prompt until the pool
+    is whole, each drawn prompt's output is its own row's, and a drawn prompt already encoded costs no call."""
+    from dnd_jax.data.pairs import HiddenCache, PromptPool
+
+    rng = np.random.default_rng(0)
+    pool = PromptPool("p", rng.integers(0, 100, (70, 5)).astype(np.int32), np.ones((70, 5), np.int32))
+    calls = []
+
+    def encode(ids, mask):  # [C, L] -> [C, L, 2], row by row
+        calls.append(ids.copy())
+        return np.stack([ids * 2.0, ids + mask], -1).astype(np.float32)
+
+    cache = HiddenCache(encode, 2, chunk=32)
+    pool.cache = cache
+    want = np.stack([pool.input_ids * 2.0, pool.input_ids + 1.0], -1)
+    sel = np.array([5, 60, 5, 17])
+    np.testing.assert_array_equal(pool.hidden(sel), want[sel])
+    assert len(calls) == 1 and int(cache.store["p"][1].sum()) == 32  # 3 drawn + 29 not drawn yet
+    encoded = np.flatnonzero(cache.store["p"][1])
+    np.testing.assert_array_equal(pool.hidden(encoded), want[encoded])
+    assert len(calls) == 1
+    np.testing.assert_array_equal(pool.hidden(np.arange(70)), want)  # the other 38: two calls, the last padded
+    assert len(calls) == 3 and cache.store["p"][1].all()
+    rows = np.concatenate([np.unique(c, axis=0) for c in calls])
+    assert len(rows) == 70 and len(np.unique(rows, axis=0)) == 70  # no prompt encoded twice
+
+
 @pytest.mark.needs_models
 def test_the_seed_is_a_runtime_input_same_keys_and_one_program_for_every_seed(exp, tmp_path, caplog):
     """config.seed enters the init and the train step at run time: the same keys and initial parameters as the

@@ -39,7 +39,9 @@ class PromptPool:
 
 
 class HiddenCache:
-    """Encoder outputs per prompt, computed the first time a prompt is drawn and kept (encoder.cache).
+    """Encoder outputs per prompt, computed the first time a prompt is drawn and kept (encoder.cache). An encoder
+    call takes `chunk` prompts: rows the drawn prompts leave free encode the pool's next undrawn ones (a small pool is
+    whole after a few calls, instead of one padded call per step while new prompts keep being drawn).
 
     The frozen encoder is deterministic without dropout, so a prompt's condition never changes:
     encoding it once instead of at every draw saves the encoder's share of each training step.
@@ -63,6 +65,9 @@ class HiddenCache:
                 self.store[pool.name] = (np.zeros((p, length, self.dim), np.float32), np.zeros(p, bool))
             hidden, have = self.store[pool.name]
             todo = np.unique(sel[~have[sel]])
+            if len(todo) % self.chunk:  # the last call's free rows encode prompts not drawn yet, not padding
+                rest = np.setdiff1d(np.flatnonzero(~have), todo)[: self.chunk - len(todo) % self.chunk]
+                todo = np.concatenate([todo, rest])
             for i in range(0, len(todo), self.chunk):
                 part = todo[i : i + self.chunk]
                 idx = np.pad(part, (0, self.chunk - len(part)), mode="edge")  # one compiled shape
