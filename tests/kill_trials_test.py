@@ -83,7 +83,8 @@ def kill_chain(cmd: list[str], env: dict, root: Path, moments: list[Moment], che
     """Runs `cmd` once per moment, killed at it; `check()` after each kill; then once to the end.
 
     Returns:
-      One line per moment: the moment and what happened ("killed", "killed in a save", "finished").
+      One line per moment: the moment and what happened ("killed", "killed in a save", "finished"). The last run's
+      standard error is left in log_dir/final.log.
     """
     outcomes = []
     for i, m in enumerate(moments):
@@ -96,6 +97,7 @@ def kill_chain(cmd: list[str], env: dict, root: Path, moments: list[Moment], che
             assert proc.returncode == 0, log_path.read_text()[-2000:]
         check()
     r = warm.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    (log_dir / "final.log").write_text(r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     return outcomes
 
