@@ -48,6 +48,7 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
            "--config.experiment.families=('navigate=navigate','tense=tense','t1=a','t2=a','held=b')",
            # 2 scored items per task (the first is the planted one), exact match on 1: scoring is most of the run
            "--config.experiment.limit=2", "--config.experiment.secondary_limit=1",
+           "--config.experiment.training_sample=1",  # one sampled training LoRA row per task (the smoke's is 2)
            ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(REPO)
