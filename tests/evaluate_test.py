@@ -186,6 +186,31 @@ def test_response_nll_matches_hf_loss_oracle():
         assert got["nll"] == pytest.approx(total / count, abs=2e-4)
 
 
+@pytest.mark.needs_models  # SmolLM2's tokenizer and chat template
+def test_response_nll_applies_the_models_logit_soft_capping():
+    """A model whose forward soft-caps its logits (Gemma's final_logit_softcapping; a small random one here): the
+    nll protocol's head at the response positions equals the model's own cross-entropy, item by item."""
+    import transformers
+
+    from dnd_jax.lm import encode_sft_example
+    from dnd_jax.protocols.nll import response_nll
+
+    tok = load_base("smollm2-135m-instruct")[1]
+    cfg = transformers.AutoConfig.for_model("gemma3_text", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=8, final_logit_softcapping=2.0)  # fmt: skip
+    torch.manual_seed(0)
+    lm = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    recs = [{"prompt": "Is the sky blue?\nA: yes\nB: no", "response": "[A]", "system": "Answer by a letter."},
+            {"prompt": "Two plus two?", "response": "[4] four", "system": ""}]  # fmt: skip
+    got = response_nll(lm, tok, recs, 2, "cpu", cutoff_len=96)["per_item"]
+    for r, nll in zip(recs, got, strict=True):
+        ids, labels = encode_sft_example(tok, r, 96)
+        with torch.no_grad():
+            want = lm(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+        assert nll == pytest.approx(want, rel=1e-5)
+
+
 @pytest.mark.needs_models  # the tiny Llama carries SmolLM2's tokenizer
 def test_an_adapter_swapped_in_place_scores_as_a_fresh_load(tmp_path):
     """Adapters of one layout are copied into the attached one (no re-injection); each score equals the score of

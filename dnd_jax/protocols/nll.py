@@ -79,8 +79,16 @@ def _prefix_len(seqs: list[list[int]], first_label: list[int]) -> int:
 
 
 def _body_and_head(model):
+    """(decoder body, head): the head maps final hidden states to the logits the model's own forward returns, its
+    final soft-capping included where the config has one (Gemma-2's `final_logit_softcapping`)."""
+    import torch
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+    out = base.get_output_embeddings()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if not cap:
+        return getattr(base, base.base_model_prefix), out
+    return getattr(base, base.base_model_prefix), lambda h: torch.tanh(out(h) / cap) * cap
 
 
 def _batch_nll(body, head, rows, pad: int, device: str):
