@@ -40,7 +40,7 @@ def demo_smoke_cmd(work: Path, data: Path) -> list[str]:
             f"--workdir={work}", f"--config.data.prompts_dir={data}", "--config.data.train_datasets=('t1','t2')",
             "--config.data.heldout_dataset=held", "--config.data.num_texts=4", "--config.data.max_text_length=16",
             "--config.model.features=((4,16,384),(8,8,96),(16,10,66),(4770,10,66))",
-            "--config.train.progress=False"]  # fmt: skip
+            "--config.train.progress=False", "--config.eval.limit=2"]  # fmt: skip
 
 
 @pytest.mark.needs_models
