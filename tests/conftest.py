@@ -38,13 +38,14 @@ CPU_ONLY = os.environ["JAX_PLATFORMS"] == "cpu"
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)  # this process; what it starts keeps 0
 
 
-# Test files by their time on 2 cores (pytest --durations=0, 2026-12-05, commands warm: tests/warm.py), longest
-# first. xdist (--dist loadfile) hands files to the two workers in collection order, so the long ones start first and
-# the short ones fill the gaps at the end, instead of one worker finishing minutes before the other.
-LONGEST_FIRST = ("sft_test", "experiment_test", "trainer_test", "pipeline_test", "ablations_test", "hyperconv_test",
-                 "multihost_test", "evaluate_test", "kill_trials_test", "collect_test", "extractors_test",
-                 "causal_lm_test", "encoder_test", "accelerator_test", "bad_input_test", "serve_test", "generate_test",
-                 "learning_test")  # fmt: skip
+# Test files by their time on 2 cores (pytest --durations=0, 2026-12-06 run s19c, commands warm: tests/warm.py),
+# longest first. xdist (--dist loadfile) hands files to the two workers in collection order, so the long ones start
+# first and the short ones fill the gaps at the end, instead of one worker finishing minutes before the other.
+LONGEST_FIRST = ("sft_test", "experiment_test", "trainer_test", "pipeline_test", "ablations_test", "collect_test",
+                 "evaluate_test", "multihost_test", "kill_trials_test", "encoder_test", "causal_lm_test",
+                 "extractors_test", "bad_input_test", "learning_test", "hyperconv_test", "accelerator_test",
+                 "generate_test", "warm_test", "serve_test", "fast_random_test", "nll_answer_test", "em_test",
+                 "converters_test", "docs_test", "lora_tokens_test", "task_pool_test", "structure_test")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):

@@ -128,7 +128,7 @@ def test_train_survives_kills_at_random_moments(tmp_path):
     import jax
 
     exp = make_experiment(tmp_path / "exp")
-    steps, every = 24, 2
+    steps, every = 16, 2  # 7 checkpoint steps to draw the 5 kills after start-up from
 
     def cmd(work):
         over = cli_overrides(exp, **{"train.steps": steps, "train.checkpoint_every": every, "train.eval_every": 6})
