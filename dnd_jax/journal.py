@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+from dnd_jax.errors import DISK_FULL_ADVICE, DndError, disk_full
 from dnd_jax.fileio import atomic_file
 
 
@@ -64,10 +65,15 @@ class Journal:
         self.done[key] = json.loads(json.dumps(value))
         if not self.path.is_file():  # the file appears with the first finished unit
             return self._rewrite()
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"key": key, "value": self.done[key]}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"key": key, "value": self.done[key]}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if disk_full(e):
+                raise DndError(f"{self.path}: not written: {DISK_FULL_ADVICE}") from None
+            raise
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -319,3 +320,20 @@ def test_a_stopped_evaluation_resumes_scoring_only_what_it_had_not_finished(tmp_
         run(out, stop=3)
     run(out, cutoff_len=64)
     assert calls == ["base", "a0", "a1", "a2"]
+
+
+def test_a_full_disk_while_journaling_is_one_line_and_keeps_the_rows_before(tmp_path):
+    """A row that cannot be appended (a file-size limit standing in for a full disk: EFBIG) is a one-line error; the
+    journal still holds the rows written before it."""
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "from dnd_jax.journal import Journal; from dnd_jax.errors import DndError; "
+            f"j = Journal({str(tmp_path / 'j.jsonl')!r}, {{'items': 'x'}}); j.put('base', {{'nll': 1.0}}); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "try:\n    j.put('a0', {'per_item': [0.5] * 2000})\n"
+            "except DndError as e:\n    print(e); sys.exit(2)")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                       text=True)  # fmt: skip
+    assert r.returncode == 2 and r.stdout.count("\n") == 1 and "j.jsonl: not written" in r.stdout, r.stdout + r.stderr
+    from dnd_jax.journal import Journal
+
+    assert Journal(tmp_path / "j.jsonl", {"items": "x"}).get("base") == {"nll": 1.0}
