@@ -19,7 +19,9 @@ one's layout (config, tensor names and shapes) is copied into its layers instead
        nll_answer, the NLL summed over the answer's own tokens ("C" of "[C]") per item (lower is
        better).
 Writes OUT/results.json, OUT/results.md (rows: base, each training LoRA, their mean, each generated
-adapter, their mean +- std) and OUT/results.png (bar chart).
+adapter, their mean +- std) and OUT/results.png (bar chart). Each scored row goes to a journal beside OUT
+(.OUT.journal.jsonl) first: a stopped or killed evaluation, re-run with the same items, settings and adapter
+files, scores only the rows it had not finished.
 """
 
 from __future__ import annotations
