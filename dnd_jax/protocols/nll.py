@@ -8,8 +8,8 @@ The per-token mean divides an answer-level difference by the ~5 tokens of "[C]<|
 them format; `nll_answer` sums only the tokens that carry the answer itself ("C" in "[C]").
 Items of a batch share the chat template and system prompt: that common token prefix runs once (batch
 1) and its KV cache is repeated for every row; each row's own tokens follow, right-padded (padding after
-the real tokens cannot change them under a causal mask). The LM head runs only where a response token
-is predicted.
+the real tokens cannot change them under a causal mask). The model's own forward runs its LM head only over the
+span of positions that predict a response token (`logits_to_keep`).
 """
 
 from __future__ import annotations
@@ -78,22 +78,16 @@ def _prefix_len(seqs: list[list[int]], first_label: list[int]) -> int:
     return max(p, 0)
 
 
-def _body_and_head(model):
-    """(decoder body, head): the head maps final hidden states to the logits the model's own forward returns, its
-    final soft-capping included where the config has one (Gemma-2's `final_logit_softcapping`)."""
-    import torch
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = base.get_output_embeddings()
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    if not cap:
-        return getattr(base, base.base_model_prefix), out
-    return getattr(base, base.base_model_prefix), lambda h: torch.tanh(out(h) / cap) * cap
+def _causal_lm(model):
+    """The causal LM under a PEFT wrapper (its LoRA layers are in place), called with `logits_to_keep`."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _batch_nll(body, head, rows, pad: int, device: str):
+def _batch_nll(lm, rows, pad: int, device: str):
     """One forward of a batch of (input_ids, labels): (summed NLL, per-token NLL of the label tokens
-    in row order, each row's first label position and offset into that vector)."""
+    in row order, each row's first label position and offset into that vector). The model's own forward makes the
+    logits (any final soft-capping or scaling of its included), at the span of positions that predict a label only
+    (`logits_to_keep`)."""
     import torch
 
     from dnd_jax.lm import cache_name, output_cache
@@ -110,19 +104,21 @@ def _batch_nll(body, head, rows, pad: int, device: str):
     with torch.no_grad():
         kw = {}
         if p > 0:
-            cache = output_cache(body(input_ids=torch.tensor([seqs[0][:p]], device=device), use_cache=True))
+            prefix = lm(input_ids=torch.tensor([seqs[0][:p]], device=device), use_cache=True, logits_to_keep=1)
+            cache = output_cache(prefix)
             cache.reorder_cache(torch.zeros(len(rows), dtype=torch.long, device=device))
-            kw[cache_name(body)] = cache
-        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=p > 0, **kw)
-        hidden = hidden.last_hidden_state
+            kw[cache_name(lm)] = cache
         sel_r, sel_t, target, starts = [], [], [], []
         for j, (_, lab) in enumerate(rows):
             starts.append(len(target))
             for t in range(first[j], len(lab)):
                 sel_r.append(j)
-                sel_t.append(t - 1 - p)  # hidden state that predicts token t
+                sel_t.append(t - 1 - p)  # the position that predicts token t
                 target.append(lab[t])
-        logits = head(hidden[torch.tensor(sel_r), torch.tensor(sel_t)]).float()
+        lo, hi = min(sel_t), max(sel_t) + 1
+        keep = torch.arange(lo, hi, device=device)
+        out = lm(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=p > 0, logits_to_keep=keep, **kw)
+        logits = out.logits[torch.tensor(sel_r), torch.tensor(sel_t) - lo].float()
         target = torch.tensor(target, device=device)
         # cross_entropy(reduction="sum") is exactly nll_loss(log_softmax, "sum"): the same sum as before,
         # bit for bit (reduction="none" then .sum() adds in another order); the gather is reduction="none".
@@ -158,13 +154,13 @@ def response_nll(model, tok, records: list[dict], batch_size: int, device: str, 
         if all(x == -100 for x in labels) or labels[0] != -100:
             raise DndError(f"item {i}: no response token after a prompt to score (prompt {records[i]['prompt']!r:.60})")
     answers = [answer_positions(tok, r, labels) for r, (_, labels) in zip(records, enc, strict=True)]
-    body, head = _body_and_head(model)
+    lm = _causal_lm(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
     total, count, answer_nll, per_item = 0.0, 0, [], [0.0] * len(enc)
     for lo in range(0, len(order), batch_size):
         items = order[lo : lo + batch_size]
-        nll, per_token, places = _batch_nll(body, head, [enc[i] for i in items], pad, device)
+        nll, per_token, places = _batch_nll(lm, [enc[i] for i in items], pad, device)
         total += nll
         count += len(per_token)
         ends = [start for _, start in places[1:]] + [len(per_token)]
