@@ -21,9 +21,9 @@ subtasks). The primary split is "family" (a source never trains the generator th
 the common-sense sets' own items (measured: ARC-c/ARC-e questions in subtasks 043-045 and 047, WinoGrande
 sentences in the winogrande subtasks) share a fold (experiment.linked).
 
-The secondary protocols ("ll", "gen") read multiple-choice options, so only the primary metric is scored
-(the mean NLL per gold-response token, defined for both formats); generative records carry every
-acceptable target in "answers" for exact-match scoring.
+The primary metric (the mean NLL per gold-response token) is defined for both formats and scored on every task;
+the secondary one, exact match, on the generative tasks (their records carry every acceptable target in
+"answers"): a secondary protocol scores only the tasks whose answer format it reads.
 
 `:smoke` is the same experiment on 6 tasks (two of them generative, from BIG-bench), 2 folds, a few steps.
 """
@@ -180,8 +180,8 @@ def get_config(arg=None):
     # The primary comparison, fixed here before any run: the report opens with each generator vs the best
     # prompt-blind baseline per task (mean control or mt_lora) and vs soft retrieval, and its prompt swap.
     c.experiment.decisive = True
-    # Secondary: exact match of the greedy answer ("em"; "ll" and "gen" score lettered options, which generative
-    # tasks lack), on the first secondary_limit scored items.
+    # Secondary: exact match of the greedy answer ("em"), on the first secondary_limit scored items of the generative
+    # tasks ("ll" and "gen" score lettered options, which generative tasks lack; em is not scored on "[C]" answers).
     c.experiment.secondary = ("em",)
     c.pipeline.deviations = (
         *c.pipeline.deviations,

@@ -13,7 +13,7 @@ import pytest
 
 from dnd_jax.errors import DndError
 from dnd_jax.experiments import folds as folds_mod
-from dnd_jax.experiments import leaks, stats
+from dnd_jax.experiments import leaks, scoring, stats
 from tests import warm
 from tests.bigbench_fixture import write_bigbench
 from tests.pipeline_test import write_suite
@@ -86,6 +86,7 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
     assert {"base", "own", "control", "retrieval", "training"} <= set(scores)
     assert scores["items"] == 2 and scores["settings"]["limit"] == 2
     assert scores["own"]["nll"]["nll"] < scores["base"]["nll"]["nll"]  # the task's own LoRA learned its answers
+    assert "em" not in scores["base"]  # exact match reads free-text answers: not scored on a multiple-choice task
     gen = json.loads((cv / "dnd" / "scores" / "held.json").read_text())
     assert sorted(gen["generated"]) == ["1000", "999"] and gen["settings"]["seeds"] == ["999", "1000"]
     # The generative task keeps its own target as the response, under no shared system prompt.
@@ -105,6 +106,7 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
                 "Time to an adapter", "per seed vs control", "answer-only NLL", "Leak check", "held in t2: 1",
                 "| row | em/em |"):  # fmt: skip
         assert row in report, row
+    assert "Tasks by answer format: em on 1 of 5 (the rest have the other format)." in report
     assert "Prompt swap:" in report and "- **dnd**: " in report.split("Prompt swap:")[1]
     fam = report.split("## What transfers, per family")[1].split("\n## ")[0]  # per family, control - generated
     assert "| family | tasks | dnd |" in fam and "| tense | 1 | " in fam and "| a | 2 | " in fam
@@ -136,6 +138,16 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
     assert "[train/dnd] up to date" in more.stderr and "[adapters/dnd] up to date" in more.stderr
     assert "[evaluate/dnd] running" in more.stderr
     assert json.loads((cv / "scores" / "held.json").read_text())["settings"]["limit"] == 1
+
+
+def test_secondary_protocols_score_only_the_answer_format_they_read():
+    """ll and gen read lettered options, em a generative task's free-text targets: a mixed pool's configured
+    protocols each score the tasks of their format (the order kept), a task of neither format none."""
+    mc = [{"prompt": "Q\nA: x\nB: y", "response": "[B]", "system": "s", "choices": ["x", "y"], "answer": "B"}]
+    free = [{"prompt": "Sort: b a", "response": "a b", "system": "", "answers": ["a b"], "format": "generative"}]
+    assert scoring.secondary_protocols(("em", "gen", "ll"), mc) == ("gen", "ll")
+    assert scoring.secondary_protocols(("em", "gen", "ll"), free) == ("em",)
+    assert scoring.secondary_protocols(("em",), mc) == () and scoring.secondary_protocols(("ll",), []) == ()
 
 
 def test_folds_cover_every_task_once_and_family_split_keeps_families_together():

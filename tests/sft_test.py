@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -40,17 +41,23 @@ def config(family, **extra):
     return tiny_config(tmp, **{**over, **extra})
 
 
-def heldout_nll(lm_dir: Path, prompts_dir: Path, task: str, lora: dict, scale) -> float:
-    """Mean response NLL of `task`'s test items under `lora` (one adapter, no row axis), in the tiny LM."""
+def heldout_nll(lm_dir: Path, prompts_dir: Path, scale) -> Callable[[str, dict], float]:
+    """(task, lora) -> mean response NLL of `task`'s test items under `lora` (one adapter, no row axis), in the tiny
+    LM (loaded once; one compiled program for every task and adapter)."""
     from dnd_jax.data.prompts import load_split
     from dnd_jax.models.causal_lm import load_causal_lm, response_nll
     from dnd_jax.objectives.sft import encode_examples, pad_examples
 
     lm, tok, _ = load_causal_lm(lm_dir)
-    records = load_split(prompts_dir, f"{task}_test")
-    ex = pad_examples(encode_examples(tok, records, 64, task), 64, tok.pad_token_id)
-    rows = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (len(records), *np.shape(x))), lora)
-    return float(response_nll(lm, ex.ids, ex.mask, ex.labels, rows, scale))
+    nll = jax.jit(lambda ids, mask, labels, rows: response_nll(lm, ids, mask, labels, rows, scale))
+
+    def score(task: str, lora: dict) -> float:
+        records = load_split(prompts_dir, f"{task}_test")
+        ex = pad_examples(encode_examples(tok, records, 64, task), 64, tok.pad_token_id)
+        rows = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (len(records), *np.shape(x))), lora)
+        return float(nll(ex.ids, ex.mask, ex.labels, rows))
+
+    return score
 
 
 @pytest.mark.optimized  # 400 training steps: compiled for speed (tests/conftest.py)
@@ -78,13 +85,14 @@ def test_sft_generator_uses_the_prompts_where_mt_lora_cannot(family, tmp_path):
     scale = spec_scales(gen.layout.spec)
     mt_lora = jax.device_get(mt_run["state"]["params"])
     _, held = all_tasks()
+    nll = heldout_nll(tmp / "lm", tmp / "prompts", scale)
     own, swapped, blind = [], [], []
     for i, task in enumerate(held):
         other = held[(i + 1) % len(held)]  # another hint: another colour
         for name, out in ((task, own), (other, swapped)):
             lora, _, _ = gen(gen.texts(load_split(tmp / "prompts", f"{name}_test", False)), 1)
-            out.append(heldout_nll(tmp / "lm", tmp / "prompts", task, jax.tree.map(lambda x: x[0], lora), scale))
-        blind.append(heldout_nll(tmp / "lm", tmp / "prompts", task, mt_lora, scale))
+            out.append(nll(task, jax.tree.map(lambda x: x[0], lora)))
+        blind.append(nll(task, mt_lora))
     own, swapped, blind = map(np.mean, (own, swapped, blind))
     print(f"held-out response NLL: generator {own:.3f}, mt_lora {blind:.3f}, generator with swapped prompts "
           f"{swapped:.3f}")  # fmt: skip

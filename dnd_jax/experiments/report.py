@@ -107,6 +107,43 @@ def _variant_desc(cv: Path, v: str, per: dict) -> str:
     return f"{v} ({tc['train']['steps']} steps, {target}, loss on {loss}; seeds {', '.join(seeds)}; {scored})"
 
 
+def _secondary_section(e, shared: dict, variants: dict, names: list[str], groups, nb: int, seed: int) -> list[str]:
+    """Accuracies of the secondary protocols, each over the tasks scored with it (a protocol scores only the tasks
+    whose answer format it reads: dnd_jax/experiments/scoring.py), with generated - control per variant."""
+    metrics = {"ll": ("acc", "acc_norm"), "gen": ("acc",), "em": ("em",)}
+    sec = [(p, m) for p in metrics if p in e.secondary for m in metrics[p]]
+    on = {p: [i for i, t in enumerate(names) if p in shared[t]["base"]] for p, _ in sec}
+    sec = [(p, m) for p, m in sec if on[p]]
+    if not sec:
+        return []
+    L = [f"\n## Secondary: accuracy on the first {e.secondary_limit} scored items of each task (%)\n",
+         "`ll`: log-likelihood with lm-eval's generic template (`Question: ...\\nAnswer:` + ` choice`; "
+         "acc_norm divides by len(choice) as lm-eval); `gen`: the DnD generation protocol (greedy, answer "
+         "parsed from the first 20 characters, format failures count as wrong); `em`: exact match of the "
+         "greedy answer's first line with any acceptable target, normalised (generative tasks). The sampled "
+         "training LoRAs are scored on the primary metric only.\n"]  # fmt: skip
+    part = [f"{p} on {len(on[p])} of {len(names)}" for p in dict(sec) if len(on[p]) < len(names)]
+    if part:  # a mixed pool: each protocol scores the tasks whose answer format it reads
+        L[-1] = L[-1][:-1] + " Tasks by answer format: " + ", ".join(part) + " (the rest have the other format).\n"
+    acc, have = {}, {}
+    for p, m in sec:
+        sub = [names[i] for i in on[p]]
+        have[p] = {v: per for v, per in variants.items()
+                   if all(p in x for t in sub for xs in seed_lists(per[t]).values() for x in xs)}  # fmt: skip
+        acc[f"{p}/{m}"] = (p, table(shared, have[p], sub, p, m, skip=("training",)))
+    vsec = [v for v in variants if all(v in h for h in have.values())]
+    L.append("| row | " + " | ".join(acc) + " |\n|---|" + "---|" * len(acc))
+    for r in [x for x in (*ROWS, *[f"generated:{v}" for v in vsec]) if x != "training"]:
+        L.append(f"| {_label(r)} | " + " | ".join(f"{100 * task_mean(a[r]).mean():.1f}" for _, a in acc.values())
+                 + " |")  # fmt: skip
+    for v in vsec:
+        for k, (p, a) in acc.items():
+            d = paired(-a[f"generated:{v}"], -a["control"], nb, seed, 0.0, groups[on[p]])
+            L.append(f"- {k}, generated ({v}) - control: {100 * d['mean']:+.2f} points [{100 * d['ci'][0]:+.2f}, "
+                     f"{100 * d['ci'][1]:+.2f}] ({d['wins']}/{d['ties']}/{d['losses']})")  # fmt: skip
+    return L
+
+
 def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, times: dict) -> Path:
     """Writes out_dir/report.md, out_dir/many_task.png and out_dir/scores.csv; returns the report path."""
     from dnd_jax.config_cli import versions
@@ -184,29 +221,7 @@ def write_report(c, workdir: Path, cv: Path, names: list[str], out_dir: Path, ti
            "own LoRA vs control": paired(nll["own"], nll["control"], nb, seed, TIE)}  # fmt: skip
     L.append("\nFor context, the same paired statistic between baselines (tasks resampled):\n")
     L += [f"- {k}: {_fmt_ci(d)} ({d['wins']}/{d['ties']}/{d['losses']})" for k, d in ctx.items()]
-    metrics = {"ll": ("acc", "acc_norm"), "gen": ("acc",), "em": ("em",)}
-    sec = [(p, m) for p in metrics if p in e.secondary for m in metrics[p]]
-    have = {v: per for v, per in variants.items()
-            if all(p in x for t in names for xs in seed_lists(per[t]).values()
-                   for x in xs for p, _ in sec)}  # fmt: skip
-    if sec and all(p in shared[t]["base"] for t in names for p, _ in sec):
-        L.append(f"\n## Secondary: accuracy on the first {e.secondary_limit} scored items of each task (%)\n")
-        L.append("`ll`: log-likelihood with lm-eval's generic template (`Question: ...\\nAnswer:` + ` choice`; "
-                 "acc_norm divides by len(choice) as lm-eval); `gen`: the DnD generation protocol (greedy, answer "
-                 "parsed from the first 20 characters, format failures count as wrong); `em`: exact match of the "
-                 "greedy answer's first line with any acceptable target, normalised (generative tasks). The sampled "
-                 "training LoRAs are scored on the primary metric only.\n")  # fmt: skip
-        vsec = list(have)
-        acc = {f"{p}/{m}": table(shared, have, names, p, m, skip=("training",)) for p, m in sec}
-        L.append("| row | " + " | ".join(acc) + " |\n|---|" + "---|" * len(acc))
-        for r in [x for x in (*ROWS, *[f"generated:{v}" for v in vsec]) if x != "training"]:
-            L.append(f"| {_label(r)} | " + " | ".join(f"{100 * task_mean(a[r]).mean():.1f}" for a in acc.values())
-                     + " |")  # fmt: skip
-        for v in vsec:
-            for k, a in acc.items():
-                d = paired(-a[f"generated:{v}"], -a["control"], nb, seed, 0.0, groups)
-                L.append(f"- {k}, generated ({v}) - control: {100 * d['mean']:+.2f} points [{100 * d['ci'][0]:+.2f}, "
-                         f"{100 * d['ci'][1]:+.2f}] ({d['wins']}/{d['ties']}/{d['losses']})")  # fmt: skip
+    L += _secondary_section(e, shared, variants, names, groups, nb, seed)
     L += sft_section(cv, vnames, nll, groups, nb, seed, TIE)
     if vnames:
         plot(nll, vnames, names, out_dir / "many_task.png")

@@ -6,19 +6,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dnd_jax.data.bigbench import record_format
 from dnd_jax.errors import DndError
 from dnd_jax.experiments.baselines import last_checkpoint_in
 from dnd_jax.experiments.folds import scored_records
 from dnd_jax.fileio import write_json
 
+# The answer format each secondary protocol reads: "ll" and "gen" score lettered options, "em" compares free text
+# with a generative task's targets (on a multiple-choice task it would only ask for "[C]" verbatim).
+FORMATS = {"ll": "multiple_choice", "gen": "multiple_choice", "em": "generative"}
+
+
+def secondary_protocols(protocols, records: list[dict]) -> tuple[str, ...]:
+    """The protocols of `protocols` that read the answer format of a task's records (one format per task)."""
+    return tuple(p for p in protocols if records and FORMATS[p] == record_format(records[0]))
+
 
 def score_adapter(scorer, path: Path | None, records: list[dict], c, secondary: bool = True) -> dict:
-    """Primary (nll, with the answer-only nll) on `records` (the scored items), secondary protocols on the
-    first secondary_limit (every row but the sampled training LoRAs, whose row is the primary metric's only)."""
+    """Primary (nll, with the answer-only nll) on `records` (the scored items), the secondary protocols that read
+    the task's answer format on the first secondary_limit (every row but the sampled training LoRAs, whose row is
+    the primary metric's only)."""
     e = c.experiment
     out = scorer.score(path, records, ("nll",))
-    if e.secondary and secondary:
-        out.update(scorer.score(path, records[: e.secondary_limit], tuple(e.secondary)))
+    protocols = secondary_protocols(e.secondary, records[: e.secondary_limit]) if secondary else ()
+    if protocols:
+        out.update(scorer.score(path, records[: e.secondary_limit], protocols))
     return out
 
 
