@@ -1,4 +1,5 @@
-"""Figures on whatever backend JAX finds: the paper's generator step, the original's step, generation, correctness.
+"""Figures on whatever backend JAX finds: the paper's generator step, the original's step, generation, correctness,
+SFT mode's step.
 
 On the lent GPU machine (device tool `run`, from the repository root). ml_collections is not installed there, so
 its wheel travels, and so does the original's hyperconv.py; both sit in the git-ignored .cache/, hence `carry`:
@@ -10,11 +11,7 @@ its wheel travels, and so does the original's hyperconv.py; both sit in the git-
     python3 benchmarks/accelerator.py --original .cache/original/hyperconv.py --out $OUT/accelerator.jsonl
     2>&1 | tee $OUT/accelerator.log
 
-(one line; the JSON lines come back as $OUT/accelerator.jsonl). Appended to the same command when the budget allows
-(one device session), the SFT-mode step at Qwen2.5-0.5B's shape against PyTorch + PEFT on the same GPU:
-
-    ; PYTHONPATH=.:/tmp/site python3 benchmarks/sft_step.py --lm qwen2.5-0.5b --tasks 8 --examples 4 --length 256
-    2>&1 | tee $OUT/sft_step.log
+(one line; the JSON lines come back as $OUT/accelerator.jsonl).
 
 Made once here, never committed:
 
@@ -38,7 +35,9 @@ Parts (`--only`, comma-separated; all by default), run in this order:
                130)), jitted as the trainer jits it, bf16 compute (last layer float32, as configured).
   generate     prompts -> encoder -> generator -> detokenized LoRA pytree on the host (PEFT-ready arrays, the
                Qwen2.5-0.5B r 8 layout), for 1 adapter and for 8.
-  sft          a placeholder: the SFT step has not landed; its line says so.
+  sft          SFT mode's train step (dnd_jax/objectives/sft.py) at Qwen2.5-0.5B's shape (8 tasks x 4 examples x
+               256 tokens, the many-task generator, random weights), and one PEFT LoRA step of the same rows on the
+               same LM in PyTorch, same device, same run (`part_sft`).
 
 The step and the original each run at the largest batch of `--batches` (descending) that fits, an out-of-memory
 error moving to the next. Times are medians of timed calls after a warm-up; compile time is apart. Model FLOPs
@@ -106,8 +105,11 @@ KEYS = {
     "train_step": ("batch", "step_s", "samples_per_s", "flop_per_step", "model_flop_per_s", "mfu", "compile_s",
                    "params", "speedup_vs_original"),
     "generation": ("adapters", "per_call_s", "per_adapter_s", "compile_s", "host_bytes"),
-    "sft_step": ("skipped",),
+    "sft_step": ("lm", "rows", "length", "step_s", "rows_per_s", "compile_s", "generator_params", "torch_step_s",
+                 "ratio_vs_torch"),
 }  # fmt: skip
+# The SFT step's tasks x examples x tokens at full size (benchmarks/sft_step.py's defaults).
+SFT_ROWS = (8, 4, 256)
 TINY_QWEN2 = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)  # fmt: skip
 
@@ -132,7 +134,7 @@ FULL = Sizes(None, 9, (16, 120), (16, 8, 4, 2, 1), 10, (1, 8), "0.5B", 128, 420.
 SMALL = Sizes(((4, 32, 384), (8, 16, 64), (87, 10, 34)), 3, (4, 24), (4, 2), 2, (1, 8), "tiny", 32, 600.0, 2)
 # Share of the budget per part (the step compiles the 1.1 B generator's forward and backward). Each part's
 # deadline is its cumulative share of the run's budget: what an earlier part leaves unused goes to the later ones.
-SHARES = {"correctness": 0.12, "original": 0.27, "step": 0.41, "generate": 0.20, "sft": 0.0}
+SHARES = {"correctness": 0.10, "original": 0.22, "step": 0.35, "generate": 0.15, "sft": 0.18}
 # The correctness run: small, float32.
 CHECK = Sizes(((4, 32, 384), (8, 16, 48), (16, 10, 34)), 3, (4, 24), (2,), 1, (1,), "tiny", 32, 60.0, 2)
 TOL = 1e-4
@@ -569,7 +571,52 @@ def part_correctness(a, sizes: Sizes, guard: Guard, done: dict) -> list[dict]:
 
 
 def part_sft(a, sizes: Sizes, guard: Guard, done: dict) -> dict:
-    return {"skipped": "the SFT step (an LM loss through the generated LoRA) has not landed in dnd_jax yet"}
+    """SFT mode's train step (dnd_jax/objectives/sft.py, through benchmarks/sft_step.py): B tasks' prompts through
+    the extractor, the many-task generator to each row's LoRA at the LM's token layout, the frozen LM on M examples
+    of S tokens per task (the head at the label positions, as the trainer's bucketed batches), the response NLL,
+    backward into the generator, AdamW; random weights. Beside it, in the same run and on the same device: one
+    PEFT LoRA on the same LM in PyTorch, forward + backward of the same rows + AdamW (an mt_lora or Text-to-LoRA
+    step's LM share)."""
+    import argparse
+
+    import transformers
+
+    from benchmarks import sft_step
+    from converters.synthetic import spec_from_config
+
+    full = sizes.lora == "0.5B"
+    hf = sft_step.hf_config("qwen2.5-0.5b") if full else transformers.Qwen2Config(**TINY_QWEN2)
+    layout = lora_tokens.make_layout(spec_from_config(hf, r=8, alpha=16, dtype="float32"), sizes.chunk)
+    b, m, length = SFT_ROWS if full else (2, 2, 32)
+    features = None if full else (*sizes.features[:2], layout.shape)  # the small generator, the tiny LM's layout
+    args = argparse.Namespace(tasks=b, examples=m, length=length, dtype=a.dtype, microbatches=1, weights="random",
+                              response=0.25, repeats=sizes.repeats)  # fmt: skip
+    run, compile_step, config = sft_step.build_sft_step(args, hf, layout, head_at_labels=True, features=features,
+                                                        encoder_layers=a.encoder_layers)  # fmt: skip
+    t = time.perf_counter()
+    compiled = compile_step()
+    compile_s = time.perf_counter() - t
+    first_s = timed(run, 1, guard)[0]  # the first call of the compiled step (a warm-up, not in step_s)
+    times = timed(run, sizes.repeats, guard)
+    step_s = float(np.median(times))
+    out = {"lm": "Qwen2.5-0.5B shape" if full else "tiny Qwen2", "tasks": b, "examples": m, "length": length,
+           "rows": b * m, "layout": list(layout.shape), "prompts": [config.data.num_texts, config.data.max_text_length],
+           "generator_params": count_params(trainer.generator_config(config)), "step_s": step_s,
+           "step_s_min": float(min(times)), "repeats": len(times), "rows_per_s": b * m / step_s,
+           "compile_s": compile_s, "first_step_s": first_s, **step_memory(compiled, jax.devices()[0])}  # fmt: skip
+    torch_s = None
+    if guard.left() > 0:
+        import torch
+
+        run_t = sft_step.torch_lora_run(args, hf)
+        run_t()
+        torch_s = float(np.median(timed(run_t, sizes.repeats, guard)))
+        del run_t
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {**out, "torch_step_s": torch_s, "ratio_vs_torch": None if torch_s is None else step_s / torch_s,
+            "torch_source": "PyTorch + PEFT LoRA r 8 (7 projections), bf16 model" if a.dtype == "bfloat16"
+            else "PyTorch + PEFT LoRA r 8 (7 projections), float32"}  # fmt: skip
 
 
 PARTS = {"correctness": part_correctness, "original": part_original, "step": part_step,
@@ -615,6 +662,10 @@ def table(records: list[dict]) -> str:
                     f"{r['compile_s']:.0f} s; peak {_gb(r['peak_bytes'])}")  # fmt: skip
         if r["figure"] == "original_step" and "error" not in r:
             note = f"{Path(r['source'].split()[0]).name}; peak {_gb(r['peak_bytes'])}"
+        if r["figure"] == "sft_step" and "step_s" in r:
+            vs = r["ratio_vs_torch"]
+            note = (f"{r['lm']}, {r['rows']} rows x {r['length']}: {'-' if vs is None else f'{vs:.2f}x'} the "
+                    f"PyTorch LoRA step's time; compile {r['compile_s']:.0f} s")  # fmt: skip
         if r["figure"] == "generation" and "per_call_s" in r:
             note = f"{r['adapters']} adapter(s), {r['per_adapter_s']:.3f} s each; compile {r['compile_s']:.0f} s"
         sec = r.get("step_s", r.get("per_call_s"))
@@ -656,9 +707,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in chosen:
             guard = Guard(float(ends[name]))
             head = common(FIGURES[name], DTYPES[name](a))
+            t = time.perf_counter()
             try:
                 got = PARTS[name](a, sizes, guard, done)
-                rows = [{**head, **r} for r in (got if isinstance(got, list) else [got])]
+                part_s = time.perf_counter() - t  # the part's whole wall time (builds, compiles, timed calls)
+                rows = [{**head, **r, "part_s": part_s} for r in (got if isinstance(got, list) else [got])]
             except Exception as e:  # noqa: BLE001  (one part's failure is a line; the next part runs)
                 traceback.print_exc(file=sys.stderr)
                 rows = [{**head, "error": f"{type(e).__name__}: {str(e)[:1500]}"}]

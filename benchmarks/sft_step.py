@@ -47,11 +47,17 @@ def hf_config(lm: str):
     return qwen2_config("0.5B")
 
 
-def make_config(layout, b: int, m: int, dtype: str):
+def make_config(layout, b: int, m: int, dtype: str, features=None):
+    """configs/many_task_smollm2.py's generator and prompts, its output the LM's token layout (`features`: the
+    whole generator's shapes instead, e.g. a small one; its first layer sets the prompts per row and their
+    length)."""
     from configs import many_task_smollm2
 
     c = many_task_smollm2.get_config()
     c.model.features = (*c.model.features[:2], (64, 10, layout.shape[2]), layout.shape)
+    if features is not None:
+        c.model.features = tuple(features)
+        c.data.num_texts, c.data.max_text_length = features[0][:2]
     c.train.batch_size, c.train.objective, c.sft.examples = b, "sft", m
     c.sft.compute_dtype, c.model.compute_dtype, c.encoder.dtype = dtype, dtype, dtype
     return c
@@ -67,6 +73,15 @@ def random_rows(rng, shape, vocab: int, response: float = 0.25):
 
 
 def jax_sft_step(args, hf, layout, head_at_labels: bool = False) -> float:
+    """Median seconds of the jitted SFT train step (after a first call that compiles)."""
+    run = build_sft_step(args, hf, layout, head_at_labels)[0]
+    return time_it(run, args.repeats, np.median)
+
+
+def build_sft_step(args, hf, layout, head_at_labels: bool = False, features=None, encoder_layers: int = 6):
+    """(run, compile_step, config): `run()` calls the jitted SFT train step once and waits for it (the first call
+    compiles); `compile_step()` compiles it ahead (timed apart) and returns the compiled step, which `run` then calls.
+    `features`: the generator's shapes (`make_config`)."""
     from dnd_jax import lora_tokens, trainer
     from dnd_jax.models.causal_lm import CausalLM, spec_scales
     from dnd_jax.models.decoder_lm import DecoderConfig
@@ -74,13 +89,13 @@ def jax_sft_step(args, hf, layout, head_at_labels: bool = False) -> float:
     from dnd_jax.models.hyperconv import HyperConvDecoder, generator_config
     from dnd_jax.objectives import sft
 
-    c = make_config(layout, args.tasks, args.examples, args.dtype)
+    c = make_config(layout, args.tasks, args.examples, args.dtype, features)
     c.sft.microbatches = args.microbatches
     dt = jnp.dtype(args.dtype)
     hfd = hf.to_dict()
     cfg = DecoderConfig.from_hf(hfd, "config", num_layers=hfd["num_hidden_layers"])
     lm = CausalLM(cfg, bool(hfd.get("tie_word_embeddings")), dt, nnx.Rngs(0))
-    encoder = BertEncoder(BertConfig(num_layers=6), dtype=dt, rngs=nnx.Rngs(1))
+    encoder = BertEncoder(BertConfig(num_layers=encoder_layers), dtype=dt, rngs=nnx.Rngs(1))
     if args.weights == "real":
         from dnd_jax.extractors import load_extractor
         from dnd_jax.models.causal_lm import load_causal_lm
@@ -109,16 +124,26 @@ def jax_sft_step(args, hf, layout, head_at_labels: bool = False) -> float:
         host["sft_pos"] = label_positions(s_labels)
     batch = {k: jnp.asarray(v) for k, v in host.items()}
     jitted = jax.jit(step, donate_argnums=(0,))
-    box = {"state": jax.jit(trainer.make_init_state(c))()}
+    box = {"state": jax.jit(trainer.make_init_state(c))(), "step": jitted}
 
     def run():
-        box["state"], metrics = jitted(box["state"], aux, batch)
+        box["state"], metrics = box["step"](box["state"], aux, batch)
         metrics["loss"].block_until_ready()
 
-    return time_it(run, args.repeats, np.median)
+    def compile_step():
+        box["step"] = jitted.lower(box["state"], aux, batch).compile()
+        return box["step"]
+
+    return run, compile_step, c
 
 
 def torch_lora_step(args, hf) -> float:
+    """Median seconds of the PyTorch + PEFT LoRA step (after one untimed call)."""
+    return time_it(torch_lora_run(args, hf), args.repeats, np.median)
+
+
+def torch_lora_run(args, hf):
+    """`run()`: one PyTorch + PEFT LoRA SFT step on the same rows' shape (forward, backward, AdamW), waited for."""
     from peft import LoraConfig, get_peft_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -140,7 +165,7 @@ def torch_lora_step(args, hf) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return time_it(run, args.repeats, np.median)
+    return run
 
 
 def main() -> None:
