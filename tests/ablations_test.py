@@ -4,7 +4,6 @@ a NumPy mean of the token files, arm configs, and the whole suite's :smoke run e
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from dnd_jax.data import prompts
 from dnd_jax.errors import DndError
 from tests import warm
 from tests.pipeline_test import write_suite
+from tests.train_fixtures import user_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,8 +122,7 @@ def test_ablation_suite_smoke_end_to_end(tmp_path):
            # one arm per group (the arms' configs are checked above): each group runs and is reported
            "--config.ablations.groups.conditions=('answers',)", "--config.ablations.groups.num_conditions=('2',)",
            "--config.ablations.groups.arrangements=('1',)", "--config.ablations.groups.fewshot=('1',)"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(REPO)
+    env = user_env()  # one CPU device, as a user's machine
     r = warm.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report.md").read_text()

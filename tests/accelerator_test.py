@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -18,14 +17,14 @@ from benchmarks import accelerator
 from dnd_jax.models.encoder import BertConfig, BertEncoder
 from dnd_jax.models.hyperconv import GeneratorConfig, HyperConvDecoder, layer_flops
 from tests import warm
+from tests.train_fixtures import user_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_small_run_prints_every_figure_as_json(tmp_path):
     out = tmp_path / "figures.jsonl"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user's machine
-    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    env = user_env(JAX_PLATFORMS="cpu")  # one CPU device, as a user's machine
     # `python -m benchmarks.accelerator` runs the script as `python benchmarks/accelerator.py` does (its __main__),
     # started warm (tests/warm.py)
     r = warm.run([sys.executable, "-m", "benchmarks.accelerator", "--small", "--out", str(out)], cwd=REPO, env=env,

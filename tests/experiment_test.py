@@ -4,7 +4,6 @@ statistics."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from dnd_jax.experiments import leaks, scoring, stats
 from tests import warm
 from tests.bigbench_fixture import write_bigbench
 from tests.pipeline_test import write_suite
+from tests.train_fixtures import user_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +50,7 @@ def test_experiment_smoke_end_to_end_resume_leaks_prompt_swap_and_soft_retrieval
            "--config.experiment.limit=2", "--config.experiment.secondary_limit=1",
            "--config.experiment.training_sample=1",  # one sampled training LoRA row per task (the smoke's is 2)
            ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(REPO)
+    env = user_env()  # one CPU device, as a user's machine
     env["DND_JAX_BIGBENCH"] = str(write_bigbench(tmp_path / "bigbench"))  # a local BIG-bench (synthetic tasks)
     first = warm.run([*cmd, "--until=train"], env=env, capture_output=True, text=True)  # a stop mid-way
     assert first.returncode == 0, first.stderr[-3000:]

@@ -19,7 +19,7 @@ import pytest
 
 from dnd_jax import trainer
 from tests import warm
-from tests.train_fixtures import cli_overrides, make_experiment, params_close, tiny_config
+from tests.train_fixtures import cli_overrides, make_experiment, params_close, tiny_config, user_env
 
 pytestmark = pytest.mark.needs_models  # every test here loads SmolLM2 or all-MiniLM-L6-v2
 REPO = Path(__file__).resolve().parents[1]
@@ -40,8 +40,7 @@ def _launch_cmd(exp: Path, workdir: Path, steps: int, *launch_flags: str) -> lis
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the launcher sets 4 devices per process
-    return dict(env, PYTHONPATH=str(REPO))
+    return user_env()  # the launcher sets 4 devices per process
 
 
 def _restore_params(workdir: Path, step: int):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
@@ -15,6 +14,7 @@ import pytest
 from dnd_jax.data import bigbench
 from tests import warm
 from tests.evaluate_test import write_fixed_answer_dataset
+from tests.train_fixtures import user_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,7 @@ def test_demo_smoke_pipeline_end_to_end_and_resume(tmp_path):
     data = write_suite(tmp_path / "data")
     work = tmp_path / "run"
     cmd = demo_smoke_cmd(work, data)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user's machine
-    env["PYTHONPATH"] = str(REPO)
+    env = user_env()  # one CPU device, as a user's machine
     # (the run's persistent compilation cache, tests/conftest.py, serves the re-runs of the kill trials)
     r = warm.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -16,8 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli_env(**extra) -> dict:
-    """The environment of a command a test starts: this repository importable, 8 CPU devices (as the tests')."""
-    return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8", **extra)
+    """The environment of a command a test starts: this repository importable, 8 CPU devices (as the tests'), the
+    tests' XLA flags (tests/conftest.py)."""
+    flags = f"--xla_force_host_platform_device_count=8 {os.environ.get('DND_JAX_TEST_XLA_FLAGS', '')}".strip()
+    return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=flags, **extra)
+
+
+def user_env(**extra) -> dict:
+    """The environment of a command run as on a user's machine: one CPU device (no device-count flag), this
+    repository importable, the tests' XLA compile flags (tests/conftest.py)."""
+    return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=os.environ.get("DND_JAX_TEST_XLA_FLAGS", ""), **extra)
 
 
 NAMES = ("alpha", "beta", "gamma")  # two training datasets and a held-out one
