@@ -587,10 +587,10 @@ def part_sft(a, sizes: Sizes, guard: Guard, done: dict) -> dict:
     full = sizes.lora == "0.5B"
     hf = sft_step.hf_config("qwen2.5-0.5b") if full else transformers.Qwen2Config(**TINY_QWEN2)
     layout = lora_tokens.make_layout(spec_from_config(hf, r=8, alpha=16, dtype="float32"), sizes.chunk)
-    b, m, length = SFT_ROWS if full else (2, 2, 32)
+    b, m, length = (tuple(int(x) for x in a.sft_rows.split(",")) if a.sft_rows else SFT_ROWS) if full else (2, 2, 32)
     features = None if full else (*sizes.features[:2], layout.shape)  # the small generator, the tiny LM's layout
-    args = argparse.Namespace(tasks=b, examples=m, length=length, dtype=a.dtype, microbatches=1, weights="random",
-                              response=0.25, repeats=sizes.repeats)  # fmt: skip
+    args = argparse.Namespace(tasks=b, examples=m, length=length, dtype=a.dtype, microbatches=a.sft_microbatches,
+                              weights="random", response=0.25, repeats=sizes.repeats)  # fmt: skip
     run, compile_step, config = sft_step.build_sft_step(args, hf, layout, head_at_labels=True, features=features,
                                                         encoder_layers=a.encoder_layers)  # fmt: skip
     t = time.perf_counter()
@@ -600,6 +600,7 @@ def part_sft(a, sizes: Sizes, guard: Guard, done: dict) -> dict:
     times = timed(run, sizes.repeats, guard)
     step_s = float(np.median(times))
     out = {"lm": "Qwen2.5-0.5B shape" if full else "tiny Qwen2", "tasks": b, "examples": m, "length": length,
+           "microbatches": a.sft_microbatches,
            "rows": b * m, "layout": list(layout.shape), "prompts": [config.data.num_texts, config.data.max_text_length],
            "generator_params": count_params(trainer.generator_config(config)), "step_s": step_s,
            "step_s_min": float(min(times)), "repeats": len(times), "rows_per_s": b * m / step_s,
@@ -690,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", help="encoder and generator compute dtype of the step parts")
     ap.add_argument("--encoder-layers", type=int, default=None,
                     help="BERT layers (default MiniLM-L6's 6, --small 2; the original code's L12: 12)")  # fmt: skip
+    ap.add_argument("--sft-rows", default=None, help="the sft part's tasks,examples,tokens at full size (8,4,256)")
+    ap.add_argument("--sft-microbatches", type=int, default=1, help="the sft part's sft.microbatches (row groups)")
     a = ap.parse_args(argv)
     sizes = SMALL if a.small else FULL
     sizes = dataclasses.replace(sizes, repeats=a.repeats or sizes.repeats, budget_s=a.budget or sizes.budget_s)
