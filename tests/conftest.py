@@ -6,8 +6,12 @@ import os
 # (tests/train_fixtures.py: cli_env, user_env): tests compile far more than they run, and this halves a compile
 # (the FFT-sharding trainer test's compiles 16.1 -> 7.9 s alone on 2 EPYC cores; the SFT tests' file 204 -> 180 s,
 # its 400-step learnability test among them 87 -> 79 s). Every CPU program of the run is built alike, so results that
-# tests compare between this process and a command stay bit-identical. Users' programs keep XLA's defaults.
-os.environ.setdefault("DND_JAX_TEST_XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")
+# tests compare between this process and a command stay bit-identical. Users' programs keep XLA's defaults, and so do
+# runs on an accelerator (JAX_PLATFORMS other than cpu).
+os.environ.setdefault(
+    "DND_JAX_TEST_XLA_FLAGS",
+    "--xla_cpu_use_fusion_emitters=false" if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu" else "",
+)
 os.environ["XLA_FLAGS"] = " ".join((os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
                                     os.environ["DND_JAX_TEST_XLA_FLAGS"])).strip()  # fmt: skip
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one of `-n N` workers: one thread each (and in what it starts), N cores
