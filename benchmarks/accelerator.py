@@ -587,7 +587,7 @@ def part_sft(a, sizes: Sizes, guard: Guard, done: dict) -> dict:
     full = sizes.lora == "0.5B"
     hf = sft_step.hf_config("qwen2.5-0.5b") if full else transformers.Qwen2Config(**TINY_QWEN2)
     layout = lora_tokens.make_layout(spec_from_config(hf, r=8, alpha=16, dtype="float32"), sizes.chunk)
-    b, m, length = (tuple(int(x) for x in a.sft_rows.split(",")) if a.sft_rows else SFT_ROWS) if full else (2, 2, 32)
+    b, m, length = a.sft_rows if full else (2, 2, 32)
     features = None if full else (*sizes.features[:2], layout.shape)  # the small generator, the tiny LM's layout
     args = argparse.Namespace(tasks=b, examples=m, length=length, dtype=a.dtype, microbatches=a.sft_microbatches,
                               weights="random", response=0.25, repeats=sizes.repeats)  # fmt: skip
@@ -615,9 +615,13 @@ def part_sft(a, sizes: Sizes, guard: Guard, done: dict) -> dict:
         del run_t
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return {**out, "torch_step_s": torch_s, "ratio_vs_torch": None if torch_s is None else step_s / torch_s,
-            "torch_source": "PyTorch + PEFT LoRA r 8 (7 projections), bf16 model" if a.dtype == "bfloat16"
-            else "PyTorch + PEFT LoRA r 8 (7 projections), float32"}  # fmt: skip
+    precision = "bf16 model" if a.dtype == "bfloat16" else "float32"
+    return {
+        **out,
+        "torch_step_s": torch_s,
+        "ratio_vs_torch": None if torch_s is None else step_s / torch_s,
+        "torch_source": f"PyTorch + PEFT LoRA r 8 (7 projections), {precision}",
+    }
 
 
 PARTS = {"correctness": part_correctness, "original": part_original, "step": part_step,
@@ -691,9 +695,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", help="encoder and generator compute dtype of the step parts")
     ap.add_argument("--encoder-layers", type=int, default=None,
                     help="BERT layers (default MiniLM-L6's 6, --small 2; the original code's L12: 12)")  # fmt: skip
-    ap.add_argument("--sft-rows", default=None, help="the sft part's tasks,examples,tokens at full size (8,4,256)")
+    ap.add_argument("--sft-rows", default=",".join(map(str, SFT_ROWS)),
+                    help="the sft part's tasks,examples,tokens at full size (default 8,4,256)")  # fmt: skip
     ap.add_argument("--sft-microbatches", type=int, default=1, help="the sft part's sft.microbatches (row groups)")
     a = ap.parse_args(argv)
+    try:  # checked before any part runs: a typo must not cost the device minutes of the parts before it
+        rows = tuple(int(x) for x in a.sft_rows.split(","))
+        if len(rows) != 3 or min(rows) < 1:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--sft-rows {a.sft_rows!r}: expected three positive integers, tasks,examples,tokens (e.g. 8,4,256)")
+    a.sft_rows = rows
     sizes = SMALL if a.small else FULL
     sizes = dataclasses.replace(sizes, repeats=a.repeats or sizes.repeats, budget_s=a.budget or sizes.budget_s)
     a.encoder_layers = a.encoder_layers or sizes.encoder_layers

@@ -7,6 +7,7 @@ kill, and the CLI's one-line errors.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -51,10 +52,14 @@ def heldout_nll(lm_dir: Path, prompts_dir: Path, scale) -> Callable[[str, dict],
     lm, tok, _ = load_causal_lm(lm_dir)
     nll = jax.jit(lambda ids, mask, labels, rows: response_nll(lm, ids, mask, labels, rows, scale))
 
+    @functools.cache
+    def examples(task: str):  # each task's test items read and encoded once
+        return pad_examples(encode_examples(tok, load_split(prompts_dir, f"{task}_test"), 64, task), 64,
+                            tok.pad_token_id)  # fmt: skip
+
     def score(task: str, lora: dict) -> float:
-        records = load_split(prompts_dir, f"{task}_test")
-        ex = pad_examples(encode_examples(tok, records, 64, task), 64, tok.pad_token_id)
-        rows = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (len(records), *np.shape(x))), lora)
+        ex = examples(task)
+        rows = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (len(ex.ids), *np.shape(x))), lora)
         return float(nll(ex.ids, ex.mask, ex.labels, rows))
 
     return score

@@ -111,10 +111,9 @@ def _secondary_section(e, shared: dict, variants: dict, names: list[str], groups
     """Accuracies of the secondary protocols, each over the tasks scored with it (a protocol scores only the tasks
     whose answer format it reads: dnd_jax/experiments/scoring.py), with generated - control per variant."""
     metrics = {"ll": ("acc", "acc_norm"), "gen": ("acc",), "em": ("em",)}
-    sec = [(p, m) for p in metrics if p in e.secondary for m in metrics[p]]
-    on = {p: [i for i, t in enumerate(names) if p in shared[t]["base"]] for p, _ in sec}
-    sec = [(p, m) for p, m in sec if on[p]]
-    if not sec:
+    on = {p: [i for i, t in enumerate(names) if p in shared[t]["base"]] for p in metrics if p in e.secondary}
+    on = {p: idx for p, idx in on.items() if idx}  # protocol -> the tasks scored with it
+    if not on:
         return []
     L = [f"\n## Secondary: accuracy on the first {e.secondary_limit} scored items of each task (%)\n",
          "`ll`: log-likelihood with lm-eval's generic template (`Question: ...\\nAnswer:` + ` choice`; "
@@ -122,15 +121,14 @@ def _secondary_section(e, shared: dict, variants: dict, names: list[str], groups
          "parsed from the first 20 characters, format failures count as wrong); `em`: exact match of the "
          "greedy answer's first line with any acceptable target, normalised (generative tasks). The sampled "
          "training LoRAs are scored on the primary metric only.\n"]  # fmt: skip
-    part = [f"{p} on {len(on[p])} of {len(names)}" for p in dict(sec) if len(on[p]) < len(names)]
+    part = [f"{p} on {len(idx)} of {len(names)}" for p, idx in on.items() if len(idx) < len(names)]
     if part:  # a mixed pool: each protocol scores the tasks whose answer format it reads
         L[-1] = L[-1][:-1] + " Tasks by answer format: " + ", ".join(part) + " (the rest have the other format).\n"
-    acc, have = {}, {}
-    for p, m in sec:
-        sub = [names[i] for i in on[p]]
-        have[p] = {v: per for v, per in variants.items()
-                   if all(p in x for t in sub for xs in seed_lists(per[t]).values() for x in xs)}  # fmt: skip
-        acc[f"{p}/{m}"] = (p, table(shared, have[p], sub, p, m, skip=("training",)))
+    tasks = {p: [names[i] for i in idx] for p, idx in on.items()}
+    have = {p: {v: per for v, per in variants.items()
+                if all(p in x for t in tasks[p] for xs in seed_lists(per[t]).values() for x in xs)}
+            for p in on}  # fmt: skip
+    acc = {f"{p}/{m}": (p, table(shared, have[p], tasks[p], p, m, skip=("training",))) for p in on for m in metrics[p]}
     vsec = [v for v in variants if all(v in h for h in have.values())]
     L.append("| row | " + " | ".join(acc) + " |\n|---|" + "---|" * len(acc))
     for r in [x for x in (*ROWS, *[f"generated:{v}" for v in vsec]) if x != "training"]:
